@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: system packages, .venv in the repo root, tars with its pins.
+# Safe to rerun: every step skips what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*"; }
+
+# 1. System packages: espeak-ng (the default speech engine).
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing espeak-ng with apt-get"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    say "installing espeak-ng with sudo apt-get"
+    (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) >/dev/null
+  else
+    say "WARNING: espeak-ng is missing and cannot be installed here (need apt-get as root or sudo)."
+    say "         Install it yourself (Debian/Ubuntu: apt-get install espeak-ng; macOS: brew install espeak-ng);"
+    say "         everything but speech synthesis works without it."
+  fi
+fi
+
+# 2. Python >= 3.11 and the venv.
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+  || { say "ERROR: Python >= 3.11 is needed ($("$PY" --version 2>&1) found); set PYTHON=/path/to/python3.11"; exit 1; }
+[ -x .venv/bin/python ] || { say "creating .venv"; "$PY" -m venv .venv; }
+
+# 3. The package and its pins. torch==2.13.0 is pinned exactly: a looser pin pulls a multi-GB CUDA build.
+if ! .venv/bin/python -c 'import tars, torch, transformers' >/dev/null 2>&1 \
+   || [ pyproject.toml -nt .venv/.tars-installed ]; then
+  say "installing tars and its dependencies into .venv (first time: ~2 minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch .venv/.tars-installed
+fi
+say "ready: .venv/bin/tars --help"

@@ -1,0 +1,190 @@
+"""The `tars` command.
+
+One sub-command per stage. User mistakes surface as `UserError`: printed as one line per problem on
+stderr, exit status 2, no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tars import __version__
+from tars.errors import UserError
+
+app = typer.Typer(
+    name="tars",
+    help=(
+        "Measure and close the modality reasoning gap of Speech LLMs (TARS). "
+        "Start with `tars speak` to turn a multiple-choice JSONL file into spoken questions."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="Spoken multiple-choice data: validate files, make synthetic tasks, import VoiceBench.",
+    no_args_is_help=True,
+)
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tars {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+@data_app.command("validate")
+def data_validate(
+    file: str = typer.Argument(..., help="A JSONL file of records (one JSON object per line), or `openbookqa`."),
+    check_audio: bool = typer.Option(
+        True, help="Open every `audio` file (relative to FILE's folder) and check it decodes, is non-empty "
+        "and not over --max-audio-s."
+    ),
+    max_audio_s: float = typer.Option(30.0, help="Longest clip accepted, in seconds (Whisper windows are 30 s)."),
+) -> None:
+    """Check a file against the record schema: prints the number of valid records (exit 0), or every
+    problem as `file:line: field: what is wrong` (exit 2).
+
+    Schema: id, question, options (2-10 strings), answer (a letter: A = options[0]), subject, source;
+    optional audio (path relative to the file) and duration_s.
+    """
+    from tars.data.bundled import resolve_data
+    from tars.data.jsonl import load_records
+
+    records, problems = load_records(resolve_data(file), check_audio_files=check_audio, max_audio_s=max_audio_s)
+    if problems:
+        for p in problems:
+            typer.echo(str(p), err=True)
+        typer.echo(f"{file}: {len(problems)} problem(s), {len(records)} valid record(s)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{file}: {len(records)} valid records")
+
+
+@data_app.command("families")
+def data_families() -> None:
+    """List the synthetic reasoning families that `tars data make` can generate."""
+    from tars.data.families import FAMILIES
+
+    for name, fam in FAMILIES.items():
+        doc = (fam.__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:12s} {doc[0] if doc else ''}")
+
+
+@data_app.command("make")
+def data_make(
+    family: str = typer.Option(..., "--family", help="Task family (see `tars data families`)."),
+    n: int = typer.Option(..., "--n", help="Number of questions to generate."),
+    out: Path = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
+    seed: int = typer.Option(0, "--seed", help="Same family + seed → the same items; item i never depends on n."),
+    difficulty: Optional[int] = typer.Option(
+        None, "--difficulty", help="1 (easiest) to 3; default: a mix drawn per item."
+    ),
+) -> None:
+    """Generate synthetic multiple-choice questions with 4 options and a gold chain of thought."""
+    from tars.data.families import make_family
+    from tars.data.jsonl import write_records
+
+    records = make_family(family, n, seed, difficulty)
+    write_records(out, records)
+    typer.echo(f"wrote {len(records)} {family} questions to {out}")
+
+
+@data_app.command("import-voicebench")
+def data_import_voicebench(
+    path: Path = typer.Argument(..., help="A VoiceBench split: a .parquet file or a `save_to_disk` folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder: manifest.jsonl and audio/ go here."),
+    name: Optional[str] = typer.Option(None, help="Dataset name used in ids and `source` (default: the file stem)."),
+) -> None:
+    """Convert a local VoiceBench split (mmsu, openbookqa) into a tars manifest with its audio files."""
+    from tars.data.voicebench import import_voicebench
+
+    records = import_voicebench(path, out, name)
+    typer.echo(f"wrote {len(records)} records to {out / 'manifest.jsonl'}")
+
+
+@app.command("speak")
+def speak_cmd(
+    file: str = typer.Argument(
+        ..., help="A JSONL file of questions (see `tars data validate`), or `openbookqa` (bundled, 500 items)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder: manifest.jsonl and audio/<hash>.wav."),
+    engine: str = typer.Option("espeak-ng", help="espeak-ng (default, fast) or piper (optional neural voice)."),
+    seed: int = typer.Option(0, help="Seed for the per-item voice, rate and pitch."),
+    workers: int = typer.Option(0, help="Parallel synthesis workers (0 = number of CPU cores)."),
+    limit: int = typer.Option(0, help="Speak only the first N records (0 = all)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Clip cache shared across output folders (default: $TARS_HOME/speech)."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Keep clips only in OUT, no shared cache."),
+    piper_voice: Optional[str] = typer.Option(None, help="piper voice model (.onnx); or set TARS_PIPER_VOICE."),
+) -> None:
+    """Read each question and its options aloud (16 kHz mono wavs + manifest.jsonl).
+
+    Each record becomes one utterance, VoiceBench style: "question. A, …. B, …." with a voice, rate and
+    pitch drawn per item from --seed. The manifest adds `audio`, `duration_s` and `voice`. Clips are content-addressed (text + voice + engine): a rerun, or a killed run restarted, only
+    synthesises what is missing.
+    """
+    from tqdm import tqdm
+
+    from tars.data.bundled import resolve_data
+    from tars.data.jsonl import read_records
+    from tars.data.speech import make_engine, speak
+    from tars.paths import tars_home
+
+    records = read_records(resolve_data(file), check_audio_files=False)
+    if limit > 0:
+        records = records[:limit]
+    eng = make_engine(engine, piper_voice)
+    cache = None if no_cache else (cache_dir or tars_home() / "speech")
+    with tqdm(total=len(records), desc="speak", unit="clip", disable=None) as bar:
+        manifest, counts = speak(records, out, eng, seed=seed, workers=workers or None,
+                                 cache_dir=cache, progress=bar.update)
+    long = sum(1 for r in manifest if (r.duration_s or 0) > 30.0)
+    typer.echo(
+        f"wrote {len(manifest)} clips to {out / 'manifest.jsonl'} "
+        f"({counts['synthesized']} synthesized, {counts['cached']} from cache)"
+    )
+    if long:
+        typer.echo(f"note: {long} clip(s) are longer than 30 s, the window of Whisper-style encoders", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        # standalone_mode=False: click hands back the code of a `typer.Exit` instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
+    except UserError as e:
+        for line in str(e).splitlines() or ["error"]:
+            print(f"tars: error: {line}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("tars: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in what the user gave us (a file, a field, a flag). The CLI prints its
+message on one line and exits with status 2, with no traceback; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; `str(err)` is the whole one-line message."""
+
+    exit_code = 2

@@ -1,0 +1,79 @@
+"""The `tars` command as a user meets it: help texts, one-line errors, exit codes, no tracebacks."""
+
+import pytest
+
+from conftest import good_row, run_cli, write_jsonl
+
+COMMANDS = [[], ["data"], ["data", "validate"], ["data", "make"], ["data", "families"],
+            ["data", "import-voicebench"], ["speak"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "tars")
+def test_every_command_has_help(cmd):
+    res = run_cli(*cmd, "--help")
+    assert res.returncode == 0
+    assert "Usage:" in res.stdout and len(res.stdout) > 200
+
+
+def test_validate_ok_counts_records(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [good_row(i) for i in range(3)])
+    res = run_cli("data", "validate", f)
+    assert res.returncode == 0 and res.stdout.strip() == f"{f}: 3 valid records"
+
+
+def test_validate_bundled_openbookqa():
+    res = run_cli("data", "validate", "openbookqa")
+    assert res.returncode == 0 and "500 valid records" in res.stdout
+
+
+def test_validate_lists_every_problem_and_exits_2(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [good_row(0), "{oops", good_row(1, answer="F"), "[]", good_row(0)])
+    res = run_cli("data", "validate", f)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith(f"{f}:2: malformed JSON")
+    assert lines[1] == f"{f}:3: answer: 'F' is outside the 4 options (A-D)"
+    assert lines[2] == f"{f}:4: expected a JSON object, got list"
+    assert lines[3] == f"{f}:5: id: duplicate id 'q0' (first on line 1)"
+    assert lines[4] == f"{f}: 4 problem(s), 1 valid record(s)"
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage\n"], ids=["empty", "non-utf8"])
+def test_validate_unreadable_files(tmp_path, content):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(content)
+    res = run_cli("data", "validate", f)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(f) in res.stderr
+
+
+def test_speak_on_a_bad_file_is_one_line_per_problem(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [good_row(0, options="x")])
+    res = run_cli("speak", f, "--out", tmp_path / "o")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"tars: error: {f}:1: options: must be a list of strings, got str"
+
+
+def test_speak_without_espeak_says_how_to_install(tmp_path):
+    import os
+    import sys
+    f = write_jsonl(tmp_path / "d.jsonl", [good_row(0)])
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    res = run_cli("speak", f, "--out", tmp_path / "o", env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "espeak-ng not found on PATH" in res.stderr and "apt-get install espeak-ng" in res.stderr
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path):
+    res = run_cli("data", "make", "--family", "nope", "--n", "3", "--out", tmp_path / "x.jsonl")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "nope" in res.stderr
+    res = run_cli("speak")
+    assert res.returncode == 2 and "Missing argument" in res.stderr
+
+
+def test_make_then_validate(tmp_path):
+    out = tmp_path / "a.jsonl"
+    res = run_cli("data", "make", "--family", "arithmetic", "--n", "20", "--seed", "3", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "20 valid records" in run_cli("data", "validate", out).stdout
