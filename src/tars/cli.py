@@ -79,8 +79,7 @@ def data_families() -> None:
     from tars.data.families import FAMILIES
 
     for name, fam in FAMILIES.items():
-        doc = (fam.__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:12s} {doc[0] if doc else ''}")
+        typer.echo(f"{name:12s} difficulty = {fam.levels}")
 
 
 @data_app.command("make")
@@ -162,28 +161,13 @@ def speak_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
     try:
-        # standalone_mode=False: click hands back the code of a `typer.Exit` instead of exiting.
-        rc = app(args=argv, standalone_mode=False)
+        app(args=argv)
     except UserError as e:
         for line in str(e).splitlines() or ["error"]:
             print(f"tars: error: {line}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("tars: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
