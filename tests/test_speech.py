@@ -105,3 +105,26 @@ def test_killed_speak_resumes_without_redoing_finished_clips(tmp_path):
         assert (out / "audio" / name).stat().st_mtime_ns == mtime  # never rewritten
     assert len(read_records(out / "manifest.jsonl", check_audio_files=True)) == 120
     assert not list((out / "audio").glob(".*")), "temp files of the killed run are cleaned up"
+
+
+def test_piper_engine_missing_is_a_clear_error():
+    import importlib.util
+    if importlib.util.find_spec("piper") is not None:
+        pytest.skip("piper is installed here")
+    with pytest.raises(UserError, match=r"piper is not installed: `pip install 'tars\[piper\]'`"):
+        from tars.data.speech import make_engine
+        make_engine("piper")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("piper") is None, reason="optional piper not installed")
+def test_piper_engine_speaks(tmp_path):
+    from tars.data.speech import PiperEngine
+    _, counts = speak(records(2), tmp_path / "o", PiperEngine())
+    assert counts["synthesized"] == 2
+    assert len(read_records(tmp_path / "o" / "manifest.jsonl", check_audio_files=True)) == 2
+
+
+def test_unknown_engine():
+    from tars.data.speech import make_engine
+    with pytest.raises(UserError, match="unknown speech engine 'festival'"):
+        make_engine("festival")

