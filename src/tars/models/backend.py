@@ -1,0 +1,334 @@
+"""The one interface every stage of tars uses to talk to a Speech LLM.
+
+A Speech LLM here is (speech encoder → projector) feeding a decoder-only LLM. Every backend reduces a
+prompt to *input embeddings*: the chat template's text tokens embedded by the LLM, with the projected
+audio frames spliced in where the template holds the audio. From there on, generation and scoring are
+the same for every model, and live here once:
+
+- `build_inputs(records, modality)`: left-padded prompt embeddings for a batch, `speech` (the audio
+  alone carries the question and options) or `text` (question + lettered options), both under the same
+  system prompt;
+- `generate(inputs, num_samples, temperature, top_p, max_new_tokens)`: our own batched decode loop over
+  the decoder with a KV cache. Owning the loop (rather than `model.generate`) keeps it identical across
+  backends, makes the stop rule and the "hit the length limit" flag exact, and is the place the GPU
+  fast path hooks in later;
+- `score(inputs, completions, layers, grad)`: ONE forward over prompt + completion giving the
+  completion tokens' log-probs and, per requested decoder layer, the completion-only hidden states
+  pooled on the fly by forward hooks (mean over the completion tokens and the last one; prompt and the
+  final end token excluded). Nothing of shape [layers × tokens × hidden] is kept: each hook reduces its
+  layer's output to [batch × hidden] as the forward passes, and log-probs come from the LM head applied
+  to the completion positions only.
+
+The encoder is frozen in every tars recipe, so its output is cached per audio file (see `AudioCache`):
+only the projector and the LLM run per forward.
+
+Layer numbering: layer l (1-based) is the output of the l-th decoder block, before the final norm.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tars.data.prompts import SYSTEM_PROMPT, text_prompt
+from tars.data.schema import Record
+from tars.errors import UserError
+
+Modality = Literal["speech", "text"]
+MODALITIES: tuple[Modality, ...] = ("speech", "text")
+#: Marks where the audio goes in a rendered chat template; never produced by a tokenizer.
+AUDIO_SLOT = "\x00AUDIO\x00"
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt embeddings of a batch of records under one modality.
+
+    `position_ids` are the 1-D positions (`cumsum(mask) - 1`); backends whose LLM wants another shape
+    (M-RoPE) expand them in `Backend.positions`.
+    """
+
+    embeds: Tensor  # [B, P, H]
+    attention_mask: Tensor  # [B, P] long, 0 = left padding
+    lengths: list[int]
+    modality: Modality
+    record_ids: list[str]
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+@dataclass
+class Generation:
+    """Completions, row r sampled from prompt `prompt_index[r]` (prompt-major: the samples of prompt 0
+    first). `token_ids` end with the stop token when the model stopped; `truncated` marks rows that
+    hit `max_new_tokens` without stopping (the loss masks those)."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+    truncated: list[bool]
+    prompt_index: list[int]
+
+
+@dataclass
+class Scores:
+    """Per completion row: token log-probs (`logprobs[r, :n_r]`, zero beyond), and pooled hidden
+    states `pooled[kind]` of shape [rows, len(layers), hidden] for kind in ("mean", "last")."""
+
+    logprobs: Tensor  # [N, T]
+    mask: Tensor  # [N, T] bool, the completion tokens
+    layers: list[int]
+    pooled: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Backend(nn.Module):
+    """Base class: subclasses provide the modules and the prompt/audio specifics (see the hooks below)."""
+
+    #: Tokens that end a turn; `generate` stops a row at the first of them.
+    stop_token_ids: list[int]
+    tokenizer: object
+    #: Longest audio clip the encoder takes in one window, seconds.
+    max_audio_s: float = 30.0
+
+    # ---- hooks a backend implements -------------------------------------------------------------
+    def decoder(self) -> nn.Module:
+        """The LLM's decoder stack (embeddings → blocks → final norm), called with `inputs_embeds`."""
+        raise NotImplementedError
+
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def embed_tokens(self, ids: Tensor) -> Tensor:
+        return self.decoder().get_input_embeddings()(ids)
+
+    def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
+        """Projected audio frames per clip, [n_i, hidden]: what replaces the audio slot."""
+        raise NotImplementedError
+
+    def audio_wrap(self) -> tuple[str, str]:
+        """Template text immediately before and after the audio embeddings (e.g. audio_bos / eos)."""
+        return "", ""
+
+    def positions(self, position_ids: Tensor) -> Tensor:
+        """Position ids as the decoder wants them, from 1-D [B, T] positions."""
+        return position_ids
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.decoder().config, "max_position_embeddings", 1 << 30))
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def render(self, record: Record, modality: Modality) -> str:
+        """The chat-templated prompt up to the assistant's turn, audio as `AUDIO_SLOT`."""
+        user = AUDIO_SLOT if modality == "speech" else text_prompt(record)
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def build_inputs(self, records: Sequence[Record], modality: Modality, base_dir: Path | None = None) -> PromptBatch:
+        """Embed a batch of prompts, left-padded. `base_dir`: where relative `audio` paths start (the
+        manifest's folder)."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        device = self.device
+        rows: list[Tensor] = []
+        if modality == "speech":
+            missing = [r.id for r in records if not r.audio]
+            if missing:
+                raise UserError(f"record {missing[0]}: no `audio` for the speech condition (run `tars speak` first)")
+            paths = [Path(r.audio) if base_dir is None else Path(base_dir) / r.audio for r in records]
+            audio = self.audio_embeds(paths)
+        before, after = self.audio_wrap()
+        for i, rec in enumerate(records):
+            text = self.render(rec, modality)
+            if modality == "speech":
+                head, tail = text.split(AUDIO_SLOT)
+                parts = [
+                    self.embed_tokens(torch.tensor(self._ids(head + before), device=device)),
+                    audio[i].to(device=device, dtype=self.dtype),
+                    self.embed_tokens(torch.tensor(self._ids(after + tail), device=device)),
+                ]
+                rows.append(torch.cat(parts, 0))
+            else:
+                rows.append(self.embed_tokens(torch.tensor(self._ids(text), device=device)))
+        lengths = [r.shape[0] for r in rows]
+        P = max(lengths)
+        too_long = [(rec.id, n) for rec, n in zip(records, lengths) if n >= self.max_positions]
+        if too_long:
+            rid, n = too_long[0]
+            raise UserError(f"record {rid}: the {modality} prompt is {n} tokens, over the model's context of {self.max_positions}")
+        H = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), P, H)
+        mask = torch.zeros(len(rows), P, dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            embeds[i, P - r.shape[0] :] = r
+            mask[i, P - r.shape[0] :] = 1
+        return PromptBatch(embeds, mask, lengths, modality, [r.id for r in records])
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: PromptBatch,
+        num_samples: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        longest = max(inputs.lengths) + max_new_tokens
+        if longest > self.max_positions:
+            raise UserError(
+                f"prompt ({max(inputs.lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {self.max_positions}"
+            )
+        index = torch.arange(len(inputs), device=inputs.embeds.device).repeat_interleave(num_samples)
+        embeds = inputs.embeds.index_select(0, index)
+        mask = inputs.attention_mask.index_select(0, index)
+        N = embeds.shape[0]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dec, head = self.decoder(), self.lm_head()
+        out = dec(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=True)
+        cache, last = out.cache, out.last_hidden_state[:, -1]
+        next_pos = pos[:, -1:] + 1
+        stops = torch.tensor(self.stop_token_ids, device=embeds.device)
+        tokens = torch.empty(N, 0, dtype=torch.long, device=embeds.device)
+        done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
+        for step in range(max_new_tokens):
+            logits = head(last).float()
+            nxt = sample_next(logits, temperature, top_p, generator)
+            pad = self.stop_token_ids[0]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            done = done | torch.isin(nxt, stops)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=mask.device)], 1)
+            out = dec(
+                inputs_embeds=self.embed_tokens(nxt[:, None]),
+                attention_mask=mask,
+                position_ids=self.positions(next_pos),
+                cache=cache,
+                use_cache=True,
+            )
+            cache, last = out.cache, out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+        ids: list[list[int]] = []
+        truncated: list[bool] = []
+        stop_set = set(self.stop_token_ids)
+        for row in tokens.tolist():
+            cut = next((j for j, t in enumerate(row) if t in stop_set), None)
+            ids.append(row if cut is None else row[: cut + 1])
+            truncated.append(cut is None)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        return Generation(ids, texts, truncated, index.tolist())
+
+    # ---- scoring --------------------------------------------------------------------------------
+    def score(
+        self,
+        inputs: PromptBatch,
+        completions: Sequence[Sequence[int]],
+        prompt_index: Sequence[int],
+        layers: Sequence[int] | None = None,
+        grad: bool = False,
+    ) -> Scores:
+        """One forward over prompt + completion: log-probs of every completion token, and the pooled
+        hidden states of `layers` (1-based decoder blocks) over the completion (its final token
+        excluded when it is a stop token)."""
+        if len(completions) != len(prompt_index):
+            raise ValueError("one prompt index per completion")
+        if any(len(c) == 0 for c in completions):
+            raise ValueError("empty completion")
+        n_layers = len(self.decoder_layers())
+        layers = list(layers or [])
+        bad = [l for l in layers if not 1 <= l <= n_layers]
+        if bad:
+            raise ValueError(f"layers must be in 1..{n_layers}, got {bad}")
+        device = inputs.embeds.device
+        N, T = len(completions), max(len(c) for c in completions)
+        P = inputs.embeds.shape[1]
+        index = torch.as_tensor(list(prompt_index), device=device)
+        comp = torch.zeros(N, T, dtype=torch.long, device=device)
+        cmask = torch.zeros(N, T, dtype=torch.bool, device=device)
+        for r, c in enumerate(completions):
+            comp[r, : len(c)] = torch.as_tensor(list(c), device=device)
+            cmask[r, : len(c)] = True
+        # Pool over completion tokens, without a final stop token: its state says "I am done", not
+        # anything about the reasoning.
+        stop_set = set(self.stop_token_ids)
+        pool = cmask.clone()
+        for r, c in enumerate(completions):
+            if c[-1] in stop_set and len(c) > 1:
+                pool[r, len(c) - 1] = False
+        pool_full = torch.cat([torch.zeros(N, P, dtype=torch.bool, device=device), pool], 1)
+        last_pos = P + pool.long().sum(1) - 1
+
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            embeds = torch.cat([inputs.embeds.index_select(0, index), self.embed_tokens(comp)], 1)
+            mask = torch.cat([inputs.attention_mask.index_select(0, index), cmask.long()], 1)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            pooled: dict[str, list[Tensor]] = {"mean": [], "last": []}
+            weights = pool_full.to(embeds.dtype)[..., None]
+            denom = weights.sum(1).clamp(min=1.0)
+            rows = torch.arange(N, device=device)
+
+            def hook(_mod, _inp, output):
+                h = (output[0] if isinstance(output, tuple) else output).detach()
+                pooled["mean"].append(((h * weights).sum(1) / denom).float())
+                pooled["last"].append(h[rows, last_pos].float())
+
+            handles = [self.decoder_layers()[l - 1].register_forward_hook(hook) for l in layers]
+            try:
+                hidden = self.decoder()(
+                    inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=False
+                ).last_hidden_state
+            finally:
+                for h in handles:
+                    h.remove()
+            # Completion token t is predicted at position P + t - 1.
+            logits = self.lm_head()(hidden[:, P - 1 : P + T - 1]).float()
+            logprobs = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+            logprobs = logprobs * cmask
+        result = Scores(logprobs, cmask, layers)
+        if layers:
+            result.pooled = {k: torch.stack(v, 1) for k, v in pooled.items()}
+        return result
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder().parameters()).dtype
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Greedy when `temperature` is 0, else nucleus sampling at `temperature`."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def default_device() -> torch.device:
+    return torch.device(os.environ.get("TARS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,92 @@
+"""Loading a Speech LLM from a folder (or hub id where a hub is reachable), with one-line errors.
+
+`load_backend(path)` reads `config.json`, picks the backend by `model_type`, and loads weights and
+tokenizer. User mistakes (no such folder, no config, a corrupt weight file, an architecture tars does not
+know) raise `UserError`s naming the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tars.errors import UserError
+
+#: model_type in config.json → backend class path.
+BACKENDS = {
+    "qwen2_audio": "tars.models.qwen2_audio:Qwen2AudioBackend",
+    "qwen2_5_omni": "tars.models.qwen2_5_omni:Qwen25OmniBackend",
+    "qwen2_5_omni_thinker": "tars.models.qwen2_5_omni:Qwen25OmniBackend",
+    "phi4_multimodal": "tars.models.phi4_mm:Phi4MMBackend",
+}
+
+
+def read_config(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: model folder not found")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise UserError(f"{path}: no config.json (expected a model folder saved with save_pretrained)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def require_architecture(path: Path, config: dict, *model_types: str) -> None:
+    mt = config.get("model_type")
+    if mt not in model_types:
+        raise UserError(
+            f"{path / 'config.json'}: model_type {mt!r} is not {' or '.join(model_types)}"
+        )
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: could not load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 cache_dir: Path | None = None):
+    """The backend for the model folder `path`, chosen by its config's `model_type`."""
+    import importlib
+
+    path = Path(path)
+    mt = read_config(path).get("model_type")
+    if mt not in BACKENDS:
+        raise UserError(
+            f"{path / 'config.json'}: unknown architecture {mt!r}; tars supports {', '.join(sorted(BACKENDS))}"
+        )
+    module, cls = BACKENDS[mt].split(":")
+    return getattr(importlib.import_module(module), cls).from_pretrained(path, device=device, dtype=dtype,
+                                                                        cache_dir=cache_dir)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Write a folder beside `path`, then swap it in: a killed save never leaves half a model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,183 @@
+"""Qwen2-Audio (`Qwen2AudioForConditionalGeneration`), and the bundled mini model built in its image.
+
+Prompt, as Qwen2-Audio-Instruct is trained: ChatML with the audio as
+`Audio 1: <|audio_bos|>[audio frames]<|audio_eos|>` in the user turn. The encoder (Whisper-style, frozen)
+takes log-mels padded to its window (`2 × max_source_positions` frames = 30 s for real checkpoints),
+masks the padding as the HF model does, and keeps only the clip's real output frames:
+`((L − 1) // 2 + 1 − 2) // 2 + 1` for L mel frames. Clips longer than the window are refused with a
+clear message (not silently truncated: a truncated question is a different question).
+
+The projector is the checkpoint's linear `multi_modal_projector`, or — when the model folder holds a
+`tars_projector.json` (the mini model) — a `StackingProjector` that replaces it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from tars.data.audio import SAMPLE_RATE, load_audio
+from tars.data.features import log_mel
+from tars.errors import UserError
+from tars.models.audio_cache import AudioCache
+from tars.models.backend import Backend
+from tars.models.loading import load_tokenizer, read_config, require_architecture
+from tars.models.projector import StackingProjector
+
+PROJECTOR_FILE = "tars_projector.json"
+
+
+class Qwen2AudioBackend(Backend):
+    speech_template = "Audio 1: {audio}\n"
+
+    def __init__(self, model: nn.Module, tokenizer, projector: nn.Module | None = None,
+                 cache: AudioCache | None = None, name: str = "qwen2-audio"):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        if projector is not None:
+            model.model.multi_modal_projector = projector
+        enc = model.model.audio_tower
+        self.n_mels = enc.config.num_mel_bins
+        self.window_frames = enc.config.max_source_positions * 2
+        self.max_audio_s = self.window_frames * 160 / SAMPLE_RATE
+        self.cache = cache or AudioCache(f"{name}-enc")
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        eos = [t for t in eos if isinstance(t, int) and t != tokenizer.unk_token_id]
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.stop_token_ids = eos
+
+    # ---- modules ---------------------------------------------------------------------------------
+    def decoder(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.language_model.layers
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def audio_wrap(self) -> tuple[str, str]:
+        return "<|audio_bos|>", "<|audio_eos|>"
+
+    def render(self, record, modality):
+        text = super().render(record, modality)
+        if modality == "speech":
+            from tars.models.backend import AUDIO_SLOT
+
+            text = text.replace(AUDIO_SLOT, self.speech_template.format(audio=AUDIO_SLOT), 1)
+        return text
+
+    # ---- audio ----------------------------------------------------------------------------------
+    def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
+        """Frozen encoder output per clip, [valid_frames, d_audio], through the per-clip cache."""
+        return self.cache.get_many(list(paths), self._encode)
+
+    @torch.no_grad()
+    def _encode(self, paths: list[Path]) -> list[Tensor]:
+        enc = self.model.model.audio_tower
+        feats, lengths = [], []
+        for p in paths:
+            wav = load_audio(p)
+            dur = len(wav) / SAMPLE_RATE
+            if dur > self.max_audio_s:
+                raise UserError(
+                    f"{p}: audio is {dur:.1f} s, longer than the encoder window of {self.max_audio_s:g} s "
+                    "(tars refuses rather than truncates: shorten or split the clip)"
+                )
+            feats.append(log_mel(wav, n_mels=self.n_mels, pad_to_s=self.max_audio_s))
+            lengths.append(min(math.ceil(len(wav) / 160), self.window_frames))
+        x = torch.stack(feats).to(device=self.device, dtype=next(enc.parameters()).dtype)
+        L = torch.tensor(lengths, device=x.device)
+        conv_len, out_len = enc._get_feat_extract_output_lengths(L)
+        n = self.window_frames // 2
+        valid = (torch.arange(n, device=x.device)[None, :] < conv_len[:, None]).long()
+        mask = create_bidirectional_mask(config=enc.config, inputs_embeds=x.new_zeros(len(paths), n, 1),
+                                         attention_mask=valid)
+        out = enc(x, attention_mask=mask).last_hidden_state
+        return [out[i, : int(out_len[i])].float() for i in range(len(paths))]
+
+    def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
+        proj = self.projector
+        dtype = next(proj.parameters()).dtype
+        return [proj(h.to(device=self.device, dtype=dtype)) for h in self.encode_audio(paths)]
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> "Qwen2AudioBackend":
+        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+        path = Path(path)
+        config = read_config(path)
+        require_architecture(path, config, "qwen2_audio")
+        tokenizer = load_tokenizer(path)
+        projector = None
+        if (path / PROJECTOR_FILE).exists():
+            spec = json.loads((path / PROJECTOR_FILE).read_text())
+            cfg = Qwen2AudioConfig.from_pretrained(str(path))
+            model = Qwen2AudioForConditionalGeneration(cfg)
+            projector = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
+            model.model.multi_modal_projector = projector
+            _load_safetensors(model, path)
+        else:
+            from safetensors import SafetensorError
+
+            try:
+                model = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+                raise UserError(f"{path}: could not load the weights ({str(e).splitlines()[0][:200]})") from None
+        model.to(device=device, dtype=dtype).eval()
+        cache = AudioCache(f"enc-{_model_tag(path)}", cache_dir)
+        return cls(model, tokenizer, None, cache, name=path.name)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save model + tokenizer (+ the projector spec when it is ours), atomically as a folder."""
+        from tars.models.loading import atomic_dir
+
+        with atomic_dir(Path(path)) as tmp:
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            if isinstance(self.projector, StackingProjector):
+                (tmp / PROJECTOR_FILE).write_text(json.dumps(self.projector.config(), indent=2))
+
+
+def _model_tag(path: Path) -> str:
+    import hashlib
+
+    weights = sorted(path.glob("*.safetensors"))
+    stamp = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    return hashlib.sha1(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:16]
+
+
+def _load_safetensors(model: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors weight file")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise UserError(f"{f}: corrupt weight file ({str(e).splitlines()[0][:160]})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k == "lm_head.weight"} if getattr(model.config.text_config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not match the config ({len(missing)} missing, {len(unexpected)} unexpected; e.g. {(missing + unexpected)[0]})")
+    if tied:
+        model.tie_weights()

@@ -1,0 +1,209 @@
+"""Backends on tiny random models of the real transformers classes: batching, pooling, generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tars.data.schema import Record
+from tars.errors import UserError
+from tars.models.loading import load_backend
+from tiny_models import tiny_qwen2_audio
+
+BUILDERS = {"qwen2_audio": tiny_qwen2_audio}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def setup(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    BUILDERS[request.param](d / "model")
+    backend = load_backend(d / "model")
+    rng = np.random.default_rng(0)
+    for i, seconds in enumerate([0.35, 0.8, 0.55]):
+        t = np.arange(int(seconds * 16000)) / 16000
+        x = 0.2 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.02 * rng.standard_normal(len(t))
+        sf.write(str(d / f"a{i}.wav"), x.astype(np.float32), 16000)
+    questions = ["What is 2 plus 2?", "Which is bigger, 3 or 30? Think.", "Pick one."]
+    recs = [Record(id=f"q{i}", question=q, options=["3", "4", "5", "six"][: 3 + i % 2], answer="B",
+                   audio=f"a{i}.wav") for i, q in enumerate(questions)]
+    return backend, recs, d
+
+
+def completions(backend, n_vocab, seed=0):
+    """Three completions of different lengths; the first two end with a stop token."""
+    g = torch.Generator().manual_seed(seed)
+    stop = backend.stop_token_ids[0]
+    lens = [5, 9, 3]
+    out = [torch.randint(5, n_vocab - 1, (n,), generator=g).tolist() for n in lens]
+    out[0][-1] = stop
+    out[1][-1] = stop
+    return out
+
+
+@pytest.mark.parametrize("modality", ["text", "speech"])
+def test_padded_batch_scores_equal_one_by_one(setup, modality):
+    backend, recs, d = setup
+    comps = completions(backend, len(backend.tokenizer))
+    batch = backend.build_inputs(recs, modality, base_dir=d)
+    assert len(set(batch.lengths)) > 1, "prompts must differ in length for padding to be exercised"
+    layers = list(range(1, len(backend.decoder_layers()) + 1))
+    full = backend.score(batch, comps, [0, 1, 2], layers=layers)
+    for i in range(3):
+        one = backend.score(backend.build_inputs([recs[i]], modality, base_dir=d), [comps[i]], [0], layers=layers)
+        n = len(comps[i])
+        torch.testing.assert_close(full.logprobs[i, :n], one.logprobs[0, :n], atol=1e-4, rtol=0)
+        assert torch.all(full.logprobs[i, n:] == 0)
+        for kind in ("mean", "last"):
+            torch.testing.assert_close(full.pooled[kind][i], one.pooled[kind][0], atol=1e-4, rtol=0)
+
+
+def test_pooling_covers_exactly_the_completion_tokens(setup):
+    """Against states from a plain forward with output_hidden_states: mean over the completion
+    positions without the final stop token; last = the last of those."""
+    backend, recs, d = setup
+    comps = completions(backend, len(backend.tokenizer))
+    batch = backend.build_inputs(recs[:1], "text")
+    got = backend.score(batch, comps[:1], [0], layers=[1, 3])
+    c = torch.tensor(comps[0])
+    embeds = torch.cat([batch.embeds[0], backend.embed_tokens(c)], 0)[None]
+    with torch.no_grad():
+        out = backend.decoder()(inputs_embeds=embeds, output_hidden_states=True)
+    P, n = batch.embeds.shape[1], len(comps[0])
+    for j, layer in enumerate([1, 3]):
+        h = out.hidden_states[layer][0]
+        want_mean = h[P : P + n - 1].mean(0)  # the final token is the stop token: excluded
+        torch.testing.assert_close(got.pooled["mean"][0, j], want_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.pooled["last"][0, j], h[P + n - 2], atol=1e-5, rtol=0)
+    # A completion without a stop token (truncated) pools over all its tokens.
+    got3 = backend.score(backend.build_inputs(recs[2:], "text"), comps[2:], [0], layers=[2])
+    b3 = backend.build_inputs(recs[2:], "text")
+    e3 = torch.cat([b3.embeds[0], backend.embed_tokens(torch.tensor(comps[2]))], 0)[None]
+    with torch.no_grad():
+        h3 = backend.decoder()(inputs_embeds=e3, output_hidden_states=True).hidden_states[2][0]
+    torch.testing.assert_close(got3.pooled["mean"][0, 0], h3[b3.embeds.shape[1]:].mean(0), atol=1e-5, rtol=0)
+
+
+def test_logprobs_match_the_full_models_logits(setup):
+    backend, recs, d = setup
+    comps = completions(backend, len(backend.tokenizer))
+    batch = backend.build_inputs(recs[1:2], "speech", base_dir=d)
+    got = backend.score(batch, comps[1:2], [0])
+    c = torch.tensor(comps[1])
+    embeds = torch.cat([batch.embeds[0], backend.embed_tokens(c)], 0)[None]
+    with torch.no_grad():
+        h = backend.decoder()(inputs_embeds=embeds).last_hidden_state
+        lp = torch.log_softmax(backend.lm_head()(h).float(), -1)[0]
+    P = batch.embeds.shape[1]
+    want = lp[P - 1 : P - 1 + len(c)].gather(-1, c[:, None]).squeeze(-1)
+    torch.testing.assert_close(got.logprobs[0], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("modality", ["text", "speech"])
+def test_greedy_generation_batched_equals_single_and_agrees_with_score(setup, modality):
+    backend, recs, d = setup
+    batch = backend.build_inputs(recs, modality, base_dir=d)
+    gen = backend.generate(batch, num_samples=1, temperature=0.0, max_new_tokens=6)
+    for i in range(3):
+        one = backend.generate(backend.build_inputs([recs[i]], modality, base_dir=d), temperature=0.0,
+                               max_new_tokens=6)
+        assert one.token_ids[0] == gen.token_ids[i]
+    # Each greedy token is the arg-max under the one-forward scorer: KV-cache decoding and scoring see
+    # the same positions.
+    sc = backend.score(batch, gen.token_ids, gen.prompt_index)
+    for r, ids in enumerate(gen.token_ids):
+        c = torch.tensor(ids)
+        embeds = torch.cat([batch.embeds[gen.prompt_index[r]], backend.embed_tokens(c)], 0)[None]
+        mask = torch.cat([batch.attention_mask[gen.prompt_index[r]], torch.ones(len(ids), dtype=torch.long)])[None]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            h = backend.decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                  position_ids=backend.positions(pos)).last_hidden_state
+            lp = torch.log_softmax(backend.lm_head()(h).float(), -1)[0]
+        P = batch.embeds.shape[1]
+        assert lp[P - 1 : P - 1 + len(ids)].argmax(-1).tolist() == ids
+        torch.testing.assert_close(sc.logprobs[r, : len(ids)], lp[P - 1 : P - 1 + len(ids)].max(-1).values,
+                                   atol=1e-4, rtol=0)
+
+
+class _Bias(torch.nn.Module):
+    def __init__(self, head, token, value):
+        super().__init__()
+        self.head, self.token, self.value = head, token, value
+
+    def forward(self, h):
+        out = self.head(h).clone()
+        out[..., self.token] += self.value
+        return out
+
+
+def test_generation_stops_at_end_of_turn_and_flags_truncation(setup, monkeypatch):
+    backend, recs, d = setup
+    batch = backend.build_inputs(recs[:2], "text")
+    head = backend.lm_head()
+    stop = backend.stop_token_ids[0]
+    monkeypatch.setattr(backend, "lm_head", lambda: _Bias(head, stop, 1e4))
+    g = backend.generate(batch, num_samples=3, temperature=1.0, max_new_tokens=7)
+    assert g.token_ids == [[stop]] * 6 and g.truncated == [False] * 6 and g.texts == [""] * 6
+    assert g.prompt_index == [0, 0, 0, 1, 1, 1]
+
+    class _Never(torch.nn.Module):
+        def forward(self, h):
+            out = head(h).clone()
+            out[..., backend.stop_token_ids] = -1e9
+            return out
+
+    monkeypatch.setattr(backend, "lm_head", lambda: _Never())
+    g = backend.generate(batch, num_samples=2, temperature=1.0, max_new_tokens=7)
+    assert all(len(t) == 7 for t in g.token_ids) and g.truncated == [True] * 4
+
+
+def test_sampling_is_reproducible_with_a_generator(setup):
+    backend, recs, d = setup
+    batch = backend.build_inputs(recs, "text")
+    a = backend.generate(batch, num_samples=2, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    b = backend.generate(batch, num_samples=2, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    assert a.token_ids == b.token_ids
+
+
+def test_encoder_runs_once_per_clip(setup):
+    backend, recs, d = setup
+    backend.cache.hits = backend.cache.misses = 0
+    backend.build_inputs(recs, "speech", base_dir=d)
+    backend.build_inputs(recs + recs, "speech", base_dir=d)
+    assert backend.cache.misses <= 3 and backend.cache.hits >= 6
+
+
+def test_bad_inputs(setup, tmp_path):
+    backend, recs, d = setup
+    sf.write(str(tmp_path / "long.wav"), np.zeros(int(1.5 * 16000), np.float32) + 0.1, 16000)
+    long = Record(id="L", question="q", options=["a", "b"], answer="A", audio="long.wav")
+    with pytest.raises(UserError, match=r"long.wav: audio is 1.5 s, longer than the encoder window of 1 s"):
+        backend.build_inputs([long], "speech", base_dir=tmp_path)
+    noaudio = Record(id="N", question="q", options=["a", "b"], answer="A")
+    with pytest.raises(UserError, match="record N: no `audio`"):
+        backend.build_inputs([noaudio], "speech")
+    huge = Record(id="H", question="word " * 600, options=["a", "b"], answer="A")
+    with pytest.raises(UserError, match="record H: the text prompt is .* tokens, over the model's context of 512"):
+        backend.build_inputs([huge], "text")
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        backend.generate(backend.build_inputs(recs[:1], "text"), max_new_tokens=1000)
+
+
+def test_loading_errors(tmp_path, setup):
+    _, _, d = setup
+    with pytest.raises(UserError, match="model folder not found"):
+        load_backend(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UserError, match="unknown architecture 'bert'; tars supports"):
+        load_backend(tmp_path / "m")
+    import shutil
+    shutil.copytree(d / "model", tmp_path / "corrupt")
+    w = next((tmp_path / "corrupt").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(UserError, match="could not load the weights|corrupt weight file"):
+        load_backend(tmp_path / "corrupt")
