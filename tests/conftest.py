@@ -11,6 +11,14 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
+def pytest_configure(config):
+    """Module-scoped fixtures run outside the per-test $TARS_HOME: give the session its own too."""
+    import os
+    import tempfile
+
+    os.environ["TARS_HOME"] = tempfile.mkdtemp(prefix="tars-test-home-")
+
+
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
 

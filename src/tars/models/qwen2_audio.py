@@ -31,6 +31,7 @@ from tars.models.loading import load_tokenizer, read_config, require_architectur
 from tars.models.projector import StackingProjector
 
 PROJECTOR_FILE = "tars_projector.json"
+PROJECTOR_WEIGHTS = "tars_projector.safetensors"
 
 
 class Qwen2AudioBackend(Backend):
@@ -71,8 +72,8 @@ class Qwen2AudioBackend(Backend):
     def audio_wrap(self) -> tuple[str, str]:
         return "<|audio_bos|>", "<|audio_eos|>"
 
-    def render(self, record, modality):
-        text = super().render(record, modality)
+    def render(self, record, modality, system=None):
+        text = super().render(record, modality, system)
         if modality == "speech":
             from tars.models.backend import AUDIO_SLOT
 
@@ -117,29 +118,30 @@ class Qwen2AudioBackend(Backend):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> "Qwen2AudioBackend":
-        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+        from transformers import Qwen2AudioForConditionalGeneration
 
         path = Path(path)
         config = read_config(path)
         require_architecture(path, config, "qwen2_audio")
         tokenizer = load_tokenizer(path)
-        projector = None
-        if (path / PROJECTOR_FILE).exists():
-            spec = json.loads((path / PROJECTOR_FILE).read_text())
-            cfg = Qwen2AudioConfig.from_pretrained(str(path))
-            model = Qwen2AudioForConditionalGeneration(cfg)
-            projector = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
-            model.model.multi_modal_projector = projector
-            _load_safetensors(model, path)
-        else:
-            from safetensors import SafetensorError
+        from safetensors import SafetensorError
+        from transformers.utils import logging as hf_logging
 
-            try:
-                model = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
-            except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-                raise UserError(f"{path}: could not load the weights ({str(e).splitlines()[0][:200]})") from None
+        ours = (path / PROJECTOR_FILE).exists()
+        verbosity = hf_logging.get_verbosity()
+        if ours:  # the checkpoint's projector keys are ours, not the linear one: expected, not news
+            hf_logging.set_verbosity_error()
+        try:
+            model = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise UserError(f"{path}: could not load the weights ({str(e).splitlines()[0][:200]})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if ours:
+            model.model.multi_modal_projector = _load_projector(path)
         model.to(device=device, dtype=dtype).eval()
-        cache = AudioCache(f"enc-{_model_tag(path)}", cache_dir)
+        cache = AudioCache(f"enc-{encoder_fingerprint(model.model.audio_tower)}",
+                           cache_dir if cache_dir is not None else default_cache_dir())
         return cls(model, tokenizer, None, cache, name=path.name)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -150,34 +152,45 @@ class Qwen2AudioBackend(Backend):
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             if isinstance(self.projector, StackingProjector):
+                from safetensors.torch import save_file
+
                 (tmp / PROJECTOR_FILE).write_text(json.dumps(self.projector.config(), indent=2))
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                          str(tmp / PROJECTOR_WEIGHTS))
 
 
-def _model_tag(path: Path) -> str:
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """Identifies an encoder by its weights (a strided sample of every tensor), not by the folder it came
+    from: the mini model's stages (base, SFT, aligned, trained) share one encoder and so one cache."""
     import hashlib
 
-    weights = sorted(path.glob("*.safetensors"))
-    stamp = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
-    return hashlib.sha1(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    h = hashlib.sha1()
+    for name, t in sorted(encoder.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def _load_safetensors(model: nn.Module, path: Path) -> None:
+def default_cache_dir() -> Path:
+    from tars.paths import tars_home
+
+    return tars_home() / "cache" / "encoder"
+
+
+def _load_projector(path: Path) -> StackingProjector:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors weight file")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise UserError(f"{f}: corrupt weight file ({str(e).splitlines()[0][:160]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k == "lm_head.weight"} if getattr(model.config.text_config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match the config ({len(missing)} missing, {len(unexpected)} unexpected; e.g. {(missing + unexpected)[0]})")
-    if tied:
-        model.tie_weights()
+    spec = json.loads((path / PROJECTOR_FILE).read_text())
+    proj = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
+    weights = path / PROJECTOR_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{weights}: missing or corrupt projector weights ({str(e).splitlines()[0][:160]})") from None
+    try:
+        proj.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError(f"{weights}: projector weights do not match {PROJECTOR_FILE}") from None
+    return proj

@@ -100,3 +100,19 @@ def _check_args(n: int, difficulty: int | None) -> None:
         isinstance(difficulty, bool) or not isinstance(difficulty, int) or difficulty not in DIFFICULTIES
     ):
         raise UserError(f"difficulty must be 1, 2 or 3 (or left out for a mix), got {difficulty!r}")
+
+
+def make_mixture(names: list[str], n: int, seed: int, difficulty: int | None = None) -> list[Record]:
+    """`n` items spread evenly over families `names`, interleaved in a seeded order.
+
+    Each family's items are a prefix of `make_family(name, ·, seed)`, so a larger mixture with the same
+    seed contains the smaller one's items (train and eval sets use different seeds).
+    """
+    if not names:
+        raise UserError("a mixture needs at least one family")
+    for name in names:
+        _lookup(name)
+    per = [n // len(names) + (1 if i < n % len(names) else 0) for i in range(len(names))]
+    records = [r for name, k in zip(names, per) if k for r in make_family(name, k, seed, difficulty)]
+    random.Random(f"mixture:{seed}").shuffle(records)
+    return records

@@ -1,0 +1,129 @@
+"""`tars eval`: greedy answers from speech and from text, batched, resumable.
+
+Questions are sorted by prompt length and decoded in batches, so padding stays small. Every finished
+batch is appended to `predictions.jsonl` (flushed and fsynced); a rerun after a kill keeps those rows
+and decodes only the rest. `metrics.json` is computed from all rows at the end (`metrics.summarize`).
+Speech records without audio are synthesised first (`data.sources.spoken`, cached by content).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+from tars.atomic import atomic_write_text
+from tars.config import Config, save_config
+from tars.data.bundled import BUNDLED, resolve_data
+from tars.data.jsonl import read_records
+from tars.data.prompts import text_prompt
+from tars.eval.metrics import summarize
+from tars.rewards import extract_choice, format_score
+
+
+class EvalConfig(Config):
+    model: str
+    data: list[str]
+    out: str
+    modalities: list[Literal["speech", "text"]] = ["speech", "text"]
+    batch_size: int = 16
+    max_new_tokens: int = 192
+    limit: int | None = None
+    voice_seed: int = 0
+    threads: int | None = None
+
+
+def dataset_name(arg: str) -> str:
+    if arg in BUNDLED:
+        return arg
+    p = Path(arg)
+    return p.parent.name if p.name == "manifest.jsonl" else p.stem
+
+
+def _read_done(path: Path) -> list[dict]:
+    """Rows already written; a line cut short by a kill is dropped (and the file rewritten without it)."""
+    if not path.exists():
+        return []
+    rows, clean = [], True
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            clean = False
+    if not clean:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from tars.models.loading import load_backend
+    from tars.paths import resolve
+    from tars.data.sources import spoken
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    preds = out / "predictions.jsonl"
+    rows = _read_done(preds)
+    done = {(r["dataset"], r["modality"], r["id"]) for r in rows}
+    backend = load_backend(resolve(cfg.model))
+    timing: dict[str, float] = {}
+    for arg in cfg.data:
+        path = resolve_data(arg)
+        name = dataset_name(arg)
+        records = read_records(path)[: cfg.limit] if cfg.limit else read_records(path)
+        for mod in cfg.modalities:
+            if mod == "speech" and not all(r.audio for r in records):
+                recs, base = spoken(records, cfg.voice_seed)
+            else:
+                recs, base = records, path.parent
+            todo = [r for r in recs if (name, mod, r.id) not in done]
+            if not todo:
+                continue
+            todo.sort(key=lambda r: (r.duration_s or 0.0) if mod == "speech" else len(text_prompt(r)))
+            t0 = time.perf_counter()
+            with tqdm(total=len(todo), desc=f"{name} {mod}", unit="q", disable=not progress) as bar:
+                for i in range(0, len(todo), cfg.batch_size):
+                    batch = todo[i : i + cfg.batch_size]
+                    inputs = backend.build_inputs(batch, mod, base_dir=base)
+                    gen = backend.generate(inputs, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+                    new = [
+                        {"dataset": name, "modality": mod, "id": r.id, "subject": r.subject, "answer": r.answer,
+                         "pred": extract_choice(text, r.options), "format": format_score(text),
+                         "n_options": len(r.options), "truncated": trunc, "n_tokens": len(ids), "completion": text}
+                        for r, text, trunc, ids in zip(batch, gen.texts, gen.truncated, gen.token_ids)
+                    ]
+                    with open(preds, "a") as f:
+                        f.write("".join(json.dumps(x) + "\n" for x in new))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    rows.extend(new)
+                    bar.update(len(batch))
+            timing[f"{name}/{mod}"] = round(time.perf_counter() - t0, 1)
+    wanted = {dataset_name(a) for a in cfg.data}
+    metrics = summarize(r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities)
+    metrics["model"] = cfg.model
+    metrics["seconds"] = timing
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    lines = ["| dataset | modality | n | accuracy % | chance % | unparseable % | format % |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for ds, d in metrics["datasets"].items():
+        for mod in ("speech", "text"):
+            if mod in d:
+                m = d[mod]
+                lines.append(f"| {ds} | {mod} | {m['n']} | {m['accuracy']:.1f} | {m['chance']:.1f} | "
+                             f"{m['unparseable']:.1f} | {m['format']:.1f} |")
+        if "gap" in d:
+            lines.append(f"| {ds} | gap (text − speech) | | {d['gap']:+.1f} | | | |")
+    return "\n".join(lines)

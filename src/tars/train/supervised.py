@@ -1,0 +1,197 @@
+"""Supervised stages: teach the LLM the think/answer format (text SFT), or align the projector (speech).
+
+One loop serves both, because both are "maximise the log-likelihood of a target completion given a
+prompt" and differ only in which parameters train and which prompt is shown:
+
+- `train: llm`, `modality: text` — the mini model's text SFT: the LLM learns the task families in the
+  think/answer format from their gold chains of thought;
+- `train: projector`, `modality: speech` — projector alignment: encoder and LLM frozen, the projector
+  learns to turn speech into embeddings from which the frozen LLM produces the same gold completion
+  (`completion_weight`) and can repeat the spoken words (`transcript_weight`, a second prompt that asks
+  for the words), the usual recipe for a fresh adapter.
+
+The log-likelihood comes from `Backend.score(grad=True)`, the same forward every other stage uses. Runs
+resume after a kill: a checkpoint of the trained parameters, optimizer, step and RNG state is written
+atomically every `save_every` steps, and the data order is a function of (seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tars.atomic import atomic_write_bytes, atomic_write_text
+from tars.config import Config, save_config
+from tars.data.prompts import gold_completion, spoken_text
+from tars.data.schema import Record
+from tars.errors import UserError
+from tars.paths import resolve
+from tars.data.sources import DataConfig, load_data
+
+TRANSCRIBE_PROMPT = "Repeat exactly what the user said, word for word."
+
+
+class SupervisedConfig(Config):
+    model: str
+    out: str
+    modality: Literal["text", "speech"] = "text"
+    train: Literal["llm", "projector"] = "llm"
+    data: DataConfig = DataConfig()
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    completion_weight: float = 1.0
+    transcript_weight: float = 0.0
+    #: Append "That is option X." to the gold reasoning: makes the value → letter step explicit.
+    name_letter: bool = True
+    seed: int = 0
+    save_every: int = 25
+    threads: int | None = None
+
+
+def sft_target(rec: Record, name_letter: bool) -> str:
+    cot = (rec.cot or "").strip()
+    if name_letter:
+        cot = f"{cot} That is option {rec.answer}.".strip()
+    return gold_completion(rec, cot)
+
+
+def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    from tars.models.loading import load_backend
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = resolve(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model" / "config.json").exists():
+        print(f"{out / 'model'} exists: stage already finished")
+        return out / "model"
+    save_config(cfg, out)
+    if cfg.modality == "text" and cfg.train == "projector":
+        raise UserError("config: train=projector needs modality=speech (text prompts never reach the projector)")
+    records, base = load_data(cfg.data, cfg.modality)
+    backend = load_backend(cfg.model)
+    params = _trainable(backend, cfg.train)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(records) / cfg.batch_size)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_frac * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    )
+    start = _resume(out, params, opt, sched)
+    stop_id = backend.stop_token_ids[0]
+    tok = backend.tokenizer
+    log = out / "metrics.jsonl"
+    bar = tqdm(total=total, initial=start, desc=f"{cfg.train} {cfg.modality}", unit="step", disable=not progress)
+    backend.train()
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(len(records)))
+        random.Random(f"{cfg.seed}:{epoch}").shuffle(order)
+        batch = [records[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)
+        loss_parts = {}
+        loss = torch.zeros(())
+        if cfg.completion_weight:
+            targets = [tok(sft_target(r, cfg.name_letter), add_special_tokens=False)["input_ids"] + [stop_id]
+                       for r in batch]
+            inputs = backend.build_inputs(batch, cfg.modality, base_dir=base)
+            s = backend.score(inputs, targets, range(len(batch)), grad=True)
+            nll = -(s.logprobs.sum() / s.mask.sum())
+            loss = loss + cfg.completion_weight * nll
+            loss_parts["completion_nll"] = nll.item()
+        if cfg.transcript_weight:
+            targets = [tok(spoken_text(r), add_special_tokens=False)["input_ids"] + [stop_id] for r in batch]
+            inputs = backend.build_inputs(batch, "speech", base_dir=base, system=TRANSCRIBE_PROMPT)
+            s = backend.score(inputs, targets, range(len(batch)), grad=True)
+            nll = -(s.logprobs.sum() / s.mask.sum())
+            loss = loss + cfg.transcript_weight * nll
+            loss_parts["transcript_nll"] = nll.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        row = {"step": step + 1, "epoch": epoch, "loss": loss.item(), **loss_parts, "grad_norm": float(gnorm),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+        bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            _checkpoint(out, step + 1, params, opt, sched)
+    bar.close()
+    backend.eval()
+    backend.save_pretrained(out / "model")
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    atomic_write_text(out / "DONE", f"{total} steps\n")
+    return out / "model"
+
+
+def _trainable(backend, what: str) -> list[torch.nn.Parameter]:
+    for p in backend.parameters():
+        p.requires_grad_(False)
+    if what == "projector":
+        mods = [backend.projector]
+    else:
+        mods = [backend.decoder(), backend.lm_head()]
+    params: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for m in mods:
+        for p in m.parameters():
+            if id(p) not in seen:
+                p.requires_grad_(True)
+                params.append(p)
+                seen.add(id(p))
+    return params
+
+
+def _checkpoint(out: Path, step: int, params, opt, sched) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, "params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "rng": torch.get_rng_state()}, buf)
+    atomic_write_bytes(out / "checkpoint.pt", buf.getvalue())
+
+
+def _resume(out: Path, params, opt, sched) -> int:
+    ck = out / "checkpoint.pt"
+    if not ck.exists():
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return 0
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for p, v in zip(params, state["params"]):
+            p.copy_(v)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    # Metrics logged after the checkpoint belong to steps that will run again.
+    log = out / "metrics.jsonl"
+    if log.exists():
+        rows = [l for l in log.read_text().splitlines() if _step_of(l) <= state["step"]]
+        atomic_write_text(log, "".join(r + "\n" for r in rows))
+    print(f"resuming {out} from step {state['step']}")
+    return int(state["step"])
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

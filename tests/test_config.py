@@ -1,0 +1,63 @@
+"""Typed configs: YAML + key=value overrides, rejected with one line naming the key."""
+
+import pytest
+import yaml
+
+from tars.config import load_config, parse_overrides, save_config
+from tars.errors import UserError
+from tars.train.supervised import SupervisedConfig
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_overrides_parse_yaml_scalars_and_dotted_keys():
+    assert parse_overrides(["lr=1e-4", "data.n=5", "data.families=[facts, units]", "name=x=y"]) == {
+        "lr": 1e-4, "data": {"n": 5, "families": ["facts", "units"]}, "name": "x=y"}
+    with pytest.raises(UserError, match="expected key=value"):
+        parse_overrides(["lr"])
+
+
+def test_load_merges_file_and_overrides(tmp_path):
+    p = write(tmp_path, {"model": "m", "out": "o", "lr": 0.1, "data": {"n": 10, "seed": 3}})
+    cfg = load_config(SupervisedConfig, p, ["data.n=20", "batch_size=2"])
+    assert (cfg.lr, cfg.batch_size, cfg.data.n, cfg.data.seed) == (0.1, 2, 20, 3)
+
+
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        ({"model": "m", "out": "o", "lr_rate": 1}, [], "c.yaml: lr_rate: unknown key"),
+        ({"model": "m", "out": "o"}, ["batch_size=eight"], "c.yaml: batch_size: Input should be a valid integer"),
+        ({"model": "m", "out": "o"}, ["data.famlies=[x]"], "c.yaml: data.famlies: unknown key"),
+        ({"out": "o"}, [], "c.yaml: model: Field required"),
+        ({"model": "m", "out": "o", "modality": "video"}, [], "c.yaml: modality: Input should be 'text' or 'speech'"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, data, overrides, message):
+    with pytest.raises(UserError) as e:
+        load_config(SupervisedConfig, write(tmp_path, data), overrides)
+    assert str(e.value).startswith(str(tmp_path / message.split(":")[0]) + message[len(message.split(":")[0]):])
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(SupervisedConfig, tmp_path / "none.yaml")
+    (tmp_path / "b.yaml").write_text("a: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(SupervisedConfig, tmp_path / "b.yaml")
+    (tmp_path / "l.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(SupervisedConfig, tmp_path / "l.yaml")
+
+
+def test_saved_config_reloads_to_the_same_values(tmp_path):
+    cfg = load_config(SupervisedConfig, write(tmp_path, {"model": "m", "out": "o", "lr": 0.5}), ["data.n=7"])
+    path = save_config(cfg, tmp_path / "run")
+    saved = yaml.safe_load(path.read_text())
+    assert saved["versions"]["tars"] and saved["versions"]["torch"]
+    assert load_config(SupervisedConfig, path) == cfg

@@ -1,0 +1,53 @@
+"""Evaluation: metrics on hand-made predictions, and `tars eval` on a tiny model (incl. resume)."""
+
+import json
+
+import pytest
+
+from conftest import good_row, needs_espeak, write_jsonl
+from tars.config import validate
+from tars.eval.evaluate import EvalConfig, format_table, run_eval
+from tars.eval.metrics import summarize
+from tiny_models import tiny_qwen2_audio
+
+
+def row(ds, mod, answer, pred, fmt=1.0, n=4):
+    return {"dataset": ds, "modality": mod, "id": f"{ds}{mod}{answer}{pred}", "answer": answer, "pred": pred,
+            "format": fmt, "n_options": n}
+
+
+def test_summarize_by_hand():
+    rows = [row("a", "text", "A", "A"), row("a", "text", "B", "B"), row("a", "text", "C", "D"),
+            row("a", "text", "D", None, fmt=0.0),
+            row("a", "speech", "A", "A"), row("a", "speech", "B", None, fmt=0.5), row("a", "speech", "C", "A"),
+            row("a", "speech", "D", "B"),
+            row("b", "text", "A", "A", n=2), row("b", "speech", "A", "B", n=2)]
+    m = summarize(rows)
+    a = m["datasets"]["a"]
+    assert a["text"] == {"n": 4, "accuracy": 50.0, "unparseable": 25.0, "format": 75.0, "chance": 25.0}
+    assert a["speech"]["accuracy"] == 25.0 and a["speech"]["unparseable"] == 25.0 and a["speech"]["format"] == 75.0
+    assert a["gap"] == 25.0
+    assert m["datasets"]["b"]["gap"] == 100.0 and m["datasets"]["b"]["text"]["chance"] == 50.0
+    assert m["average"] == {"speech": 12.5, "text": 75.0}
+    assert m["gap"] == 62.5
+    assert "| a | gap (text − speech) | | +25.0 |" in format_table(m)
+
+
+@needs_espeak
+def test_eval_runs_both_modalities_and_resumes(tmp_path):
+    model = tiny_qwen2_audio(tmp_path / "m", window_s=15.0)
+    data = write_jsonl(tmp_path / "q.jsonl", [good_row(i, question=f"Is {i} small?") for i in range(5)])
+    cfg = validate(EvalConfig, dict(model=str(model), data=[str(data)], out=str(tmp_path / "e"),
+                                    batch_size=2, max_new_tokens=4))
+    m = run_eval(cfg, progress=False)
+    assert m["datasets"]["q"]["text"]["n"] == 5 and m["datasets"]["q"]["speech"]["n"] == 5
+    preds = tmp_path / "e" / "predictions.jsonl"
+    lines = preds.read_text().splitlines()
+    assert len(lines) == 10
+    assert all(json.loads(l)["truncated"] for l in lines)  # 4 tokens never reach the stop token here
+    # Simulate a kill: the last batch is lost and a line was cut in half.
+    preds.write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])
+    m2 = run_eval(cfg, progress=False)
+    again = [json.loads(l) for l in preds.read_text().splitlines()]
+    assert len(again) == 10 and len({(r["modality"], r["id"]) for r in again}) == 10
+    assert m2["datasets"] == m["datasets"]  # greedy decoding: the redone rows are the same
