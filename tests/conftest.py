@@ -54,4 +54,4 @@ def write_wav(path: Path, seconds=1.0, sr=16000, channels=1) -> Path:
 def run_cli(*args, env=None, cwd=None):
     """Run the real `tars` entry point in a subprocess (exit codes and stderr as a user sees them)."""
     return subprocess.run([sys.executable, "-m", "tars.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd)
+                          text=True, env=env, cwd=cwd or REPO)

@@ -186,8 +186,12 @@ class Backend(nn.Module):
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         generator: torch.Generator | None = None,
+        min_new_tokens: int = 0,
     ) -> Generation:
-        """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache."""
+        """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache.
+
+        `min_new_tokens` forbids the stop tokens before that many tokens (forced lengths for benchmarks).
+        """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         longest = max(inputs.lengths) + max_new_tokens
@@ -210,6 +214,8 @@ class Backend(nn.Module):
         done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
         for step in range(max_new_tokens):
             logits = head(last).float()
+            if step < min_new_tokens:
+                logits[:, stops] = float("-inf")
             nxt = sample_next(logits, temperature, top_p, generator)
             pad = self.stop_token_ids[0]
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)

@@ -19,15 +19,16 @@ Audio, exactly as the processor and `Phi4MultimodalAudioEmbedding` do it for one
   clip; the projector runs per forward.
 
 The speech LoRA. Phi-4-multimodal is Phi-4-mini with the LLM frozen plus modality LoRAs; its speech
-abilities come from the speech LoRA (r 320 on every block's qkv / o / gate-up / down projections) being
-active whenever the input holds audio, and the original (remote-code) model switches it off for text-only
-prompts. The native transformers class knows nothing of it: the weights of `Phi4MultimodalForCausalLM`
-are the frozen base LLM, and the checkpoint ships the adapter as a PEFT folder, `speech-lora/`, that the
-user is told to load with `model.load_adapter(..., adapter_kwargs={"subfolder": "speech-lora"})` and
-`set_adapter("speech")`, after which it applies to every prompt, text ones included. tars follows the
-original model: when the folder has `speech-lora/`, its LoRA is added (by forward hooks, the model's own
-modules untouched) to the speech condition's forwards and left out of the text condition's, chosen per
-batch by `PromptBatch.modality` in `generate` and `score`. A direct call of `decoder()` runs the base LLM.
+abilities come from the speech LoRA (rank 320, on the LLM's linear layers) being active whenever the
+input holds audio, and the original (remote-code) model switches it off for text-only prompts
+(`input_mode` LANGUAGE → `unset_lora_adapter()`). The native transformers class knows nothing of it: the
+weights of `Phi4MultimodalForCausalLM` are the frozen base LLM, and the checkpoint ships the adapter as a
+PEFT folder, `speech-lora/`, that its docs load with `model.load_adapter(..., adapter_kwargs={"subfolder":
+"speech-lora"})` + `set_adapter("speech")`, after which it applies to every prompt, text ones included
+(and that `set_adapter` wants peft >= 0.22, newer than the pinned one). tars follows the original model:
+when the folder has `speech-lora/`, its LoRA is added (by forward hooks, the model's own modules
+untouched) to the speech condition's forwards and left out of the text condition's, chosen per batch by
+`PromptBatch.modality` in `generate` and `score`. A direct call of `decoder()` runs the base LLM.
 
 Audio length: the conformer attends over blocks of 500 states (40 s) and splits longer audio into
 independent blocks, so tars accepts clips up to 40 s by default (a question cut across blocks is not
@@ -60,6 +61,8 @@ from tars.models.qwen2_audio import default_cache_dir, encoder_fingerprint
 
 LORA_DIR = "speech-lora"
 AUDIO_LIMIT_FILE = "tars_audio.json"
+#: A PEFT LoRA tensor name: the adapted module, A or B (the adapter's name, when saved with one, skipped).
+_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 #: States per conformer attention block (hard-coded in transformers' `Phi4MultimodalAudioModel`).
 ENCODER_BLOCK = 500
 #: The documented prompt format, used when a tokenizer has no chat template.
@@ -103,7 +106,7 @@ class LoRA(nn.Module):
                             f"{unsupported or cfg.get('peft_type')})")
         pairs: dict[str, dict[str, Tensor]] = {}
         for key, t in state.items():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            m = _LORA_KEY.fullmatch(key)
             if m is None:
                 raise UserError(f"{weights}: unexpected tensor {key!r} in a LoRA adapter")
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
@@ -146,15 +149,13 @@ class LoRA(nn.Module):
         by_name = {n: i for i, n in enumerate(self.names)}
         state = {}
         for key in self.keys:
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            m = _LORA_KEY.fullmatch(key)
             i = by_name[m.group(1)]
             state[key] = (self.A[i] if m.group(2) == "A" else self.B[i]).detach().contiguous().cpu()
         save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 class Phi4MMBackend(Backend):
-    max_audio_s: float = 40.0
-
     def __init__(self, model: nn.Module, tokenizer, feature_extractor, cache: AudioCache | None = None,
                  speech_lora: LoRA | None = None, max_audio_s: float | None = None, name: str = "phi4-mm"):
         super().__init__()
@@ -173,8 +174,9 @@ class Phi4MMBackend(Backend):
 
     # ---- modules ---------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
-        """`Phi4MultimodalModel`: called with `inputs_embeds` it is the plain LLM (the audio / vision
-        towers it also holds only run on `input_ids`)."""
+        """`Phi4MultimodalModel`: called with `inputs_embeds` it is the plain LLM. It also holds the audio
+        and vision towers (they only run on `input_ids`), so its parameters include theirs; they never
+        receive a gradient through this path."""
         return self.model.model
 
     def decoder_layers(self) -> nn.ModuleList:
@@ -182,9 +184,6 @@ class Phi4MMBackend(Backend):
 
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
-
-    def embed_tokens(self, ids: Tensor) -> Tensor:
-        return self.model.model.embed_tokens(ids)
 
     @property
     def _audio(self) -> nn.Module:
@@ -200,22 +199,11 @@ class Phi4MMBackend(Backend):
         cfg = self.model.config
         limit = int(cfg.max_position_embeddings)
         rope = cfg.rope_parameters or {}
-        original = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", None)
+        original = (rope.get("original_max_position_embeddings")
+                    or getattr(cfg, "original_max_position_embeddings", None))
         if rope.get("rope_type") == "longrope" and original:
             limit = min(limit, int(original))
         return limit
-
-    def render(self, record, modality, system=None):
-        if getattr(self.tokenizer, "chat_template", None):
-            return super().render(record, modality, system)
-        from jinja2 import Template
-
-        from tars.data.prompts import SYSTEM_PROMPT, text_prompt
-        from tars.models.backend import AUDIO_SLOT
-
-        user = AUDIO_SLOT if modality == "speech" else text_prompt(record)
-        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        return Template(PHI4_TEMPLATE).render(messages=messages, add_generation_prompt=True)
 
     # ---- the speech LoRA, per batch ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -289,6 +277,8 @@ class Phi4MMBackend(Backend):
         config = read_config(path)
         require_architecture(path, config, "phi4_multimodal")
         tokenizer = load_tokenizer(path)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = PHI4_TEMPLATE
         try:
             model, info = Phi4MultimodalForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
@@ -300,7 +290,8 @@ class Phi4MMBackend(Backend):
             try:
                 fe = Phi4MultimodalFeatureExtractor.from_pretrained(str(path))
             except (OSError, ValueError) as e:
-                raise UserError(f"{path}: could not load the feature extractor ({str(e).splitlines()[0][:200]})") from None
+                raise UserError(f"{path}: could not load the feature extractor "
+                                f"({str(e).splitlines()[0][:200]})") from None
         else:
             fe = Phi4MultimodalFeatureExtractor()
         if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != model.config.audio_config.input_size:

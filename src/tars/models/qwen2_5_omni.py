@@ -55,9 +55,18 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 #: The processor window of released checkpoints (their preprocessor_config.json), used when a folder
 #: has none.
 DEFAULT_WINDOW_S = 300
+#: Qwen2.5-Omni's chat template reduced to what it writes for string contents (the fallback when a
+#: folder has no template).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class Qwen25OmniBackend(Backend):
+    #: The folder's preprocessor_config.json, written back by `save_pretrained` (None: there was none).
+    preprocessor: dict | None = None
+
     def __init__(self, model: nn.Module, tokenizer, cache: AudioCache | None = None,
                  window_s: float = DEFAULT_WINDOW_S, name: str = "qwen2.5-omni"):
         super().__init__()
@@ -164,7 +173,8 @@ class Qwen25OmniBackend(Backend):
         missing = sorted(info["missing_keys"])
         if missing:
             raise UserError(f"{path}: weights do not match the config ({len(missing)} missing, e.g. {missing[0]})")
-        window = _audio_window(path, model.config.audio_config.num_mel_bins)
+        window, preprocessor = _audio_window(path, model.config.audio_config.num_mel_bins)
+        _ensure_chat_template(tokenizer, path)
         model.to(device=device, dtype=dtype).eval()
         enc = model.model.audio_tower
         # The cache holds the frozen part's output, so only that part names it: a retrained projector
@@ -172,10 +182,12 @@ class Qwen25OmniBackend(Backend):
         frozen = nn.ModuleList([enc.conv1, enc.conv2, enc.layers])
         cache = AudioCache(f"omni-enc-{encoder_fingerprint(frozen)}",
                            cache_dir if cache_dir is not None else default_cache_dir())
-        return cls(model, tokenizer, cache, window, name=path.name)
+        backend = cls(model, tokenizer, cache, window, name=path.name)
+        backend.preprocessor = preprocessor
+        return backend
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save the thinker + tokenizer + the feature extractor's window, atomically as a folder."""
+        """Save the thinker + tokenizer + the processor config (its audio window), atomically."""
         from transformers import WhisperFeatureExtractor
 
         from tars.models.loading import atomic_dir
@@ -183,15 +195,19 @@ class Qwen25OmniBackend(Backend):
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-            WhisperFeatureExtractor(feature_size=self.n_mels, chunk_length=self.max_audio_s).save_pretrained(str(tmp))
+            if self.preprocessor is not None:
+                (tmp / PREPROCESSOR_FILE).write_text(json.dumps(self.preprocessor, indent=2))
+            else:
+                window = int(self.max_audio_s) if float(self.max_audio_s).is_integer() else self.max_audio_s
+                WhisperFeatureExtractor(feature_size=self.n_mels, chunk_length=window).save_pretrained(str(tmp))
 
 
-def _audio_window(path: Path, n_mels: int) -> float:
-    """The processor's audio window in seconds, from the folder's preprocessor_config.json, after
+def _audio_window(path: Path, n_mels: int) -> tuple[float, dict | None]:
+    """The processor's audio window in seconds and the folder's preprocessor_config.json, after
     checking that its framing is the one `log_mel` computes."""
     file = path / PREPROCESSOR_FILE
     if not file.exists():
-        return float(DEFAULT_WINDOW_S)
+        return float(DEFAULT_WINDOW_S), None
     try:
         pre = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -201,4 +217,20 @@ def _audio_window(path: Path, n_mels: int) -> float:
     if bad or float(pre.get("dither", 0.0) or 0.0) != 0.0:
         raise UserError(f"{file}: audio features {bad or {'dither': pre.get('dither')}} differ from the "
                         f"Whisper framing tars computes ({expected}, no dither)")
-    return float(pre.get("chunk_length", DEFAULT_WINDOW_S))
+    return float(pre.get("chunk_length", DEFAULT_WINDOW_S)), pre
+
+
+def _ensure_chat_template(tokenizer, path: Path) -> None:
+    """A processor folder may keep the chat template beside the processor (chat_template.json) rather
+    than in the tokenizer's files; for the string contents tars sends, Omni's template writes plain
+    ChatML, the fallback when there is no template at all."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    file = path / "chat_template.json"
+    if file.exists():
+        try:
+            tokenizer.chat_template = json.loads(file.read_text())["chat_template"]
+            return
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{file}: expected {{\"chat_template\": ...}} ({e})") from None
+    tokenizer.chat_template = CHATML

@@ -1,0 +1,35 @@
+"""End to end on the real mini model: build → short SFT → short alignment → eval on 20 items.
+
+Marked `slow` (several minutes on 2 cores): run with `pytest -m slow`.
+"""
+
+import json
+
+import pytest
+
+from conftest import needs_espeak, run_cli, write_jsonl
+
+pytestmark = [pytest.mark.slow, needs_espeak]
+
+
+def test_build_train_align_eval(tmp_path):
+    r = run_cli("mini", "build")
+    assert r.returncode == 0, r.stderr
+    again = run_cli("mini", "build")
+    assert "mini model ready" in again.stdout  # cached: no reconversion
+    r = run_cli("mini", "sft", "--config", "configs/mini_sft.yaml", "max_steps=3", "data.n=24",
+                f"out={tmp_path / 'sft'}")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("mini", "align", "--config", "configs/mini_align.yaml", f"model={tmp_path / 'sft' / 'model'}",
+                "max_steps=2", "data.n=16", "batch_size=4", f"out={tmp_path / 'aligned'}")
+    assert r.returncode == 0, r.stderr
+    heldout = tmp_path / "heldout.jsonl"
+    r = run_cli("data", "make", "--family", "all", "--n", "20", "--seed", "1000", "--out", heldout)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", "--model", tmp_path / "aligned" / "model", "--data", heldout, "--out", tmp_path / "eval",
+                "--max-new-tokens", "48")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    d = m["datasets"]["heldout"]
+    assert d["speech"]["n"] == 20 and d["text"]["n"] == 20
+    assert 0.0 <= d["speech"]["accuracy"] <= 100.0 and "gap" in d
