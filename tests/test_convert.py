@@ -17,9 +17,10 @@ import time
 import numpy as np
 import pytest
 
+from tars.atomic import atomic_dir
+
 from tars.errors import UserError
 from tars.models.convert import (
-    atomic_output_dir,
     check_gguf,
     convert_gguf_llama,
     convert_whisper_ct2,
@@ -181,15 +182,15 @@ def test_missing_packages_give_install_hints(monkeypatch):
 
 def test_atomic_output_dir_replaces_or_leaves_nothing(tmp_path):
     out = tmp_path / "model"
-    with atomic_output_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("one")
     assert (out / "a.txt").read_text() == "one"
     with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
+        with atomic_dir(out) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("killed")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # old output intact
-    with atomic_output_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "c.txt").write_text("two")
     assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp / .old dirs left

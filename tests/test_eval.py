@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from conftest import good_row, needs_espeak, write_jsonl
 from tars.config import validate

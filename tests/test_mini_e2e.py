@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import needs_espeak, run_cli, write_jsonl
+from conftest import needs_espeak, run_cli
 
 pytestmark = [pytest.mark.slow, needs_espeak]
 

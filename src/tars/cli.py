@@ -6,7 +6,6 @@ stderr, exit status 2, no traceback. Anything else is a bug and keeps its traceb
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional

@@ -7,12 +7,8 @@ know) raise `UserError`s naming the path.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -72,23 +68,3 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     module, cls = BACKENDS[mt].split(":")
     return getattr(importlib.import_module(module), cls).from_pretrained(path, device=device, dtype=dtype,
                                                                         cache_dir=cache_dir)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Write a folder beside `path`, then swap it in: a killed save never leaves half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -314,7 +314,7 @@ class Phi4MMBackend(Backend):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model + tokenizer + feature extractor (+ the speech LoRA, the audio limit), atomically."""
-        from tars.models.loading import atomic_dir
+        from tars.atomic import atomic_dir
 
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(str(tmp))

@@ -190,7 +190,7 @@ class Qwen25OmniBackend(Backend):
         """Save the thinker + tokenizer + the processor config (its audio window), atomically."""
         from transformers import WhisperFeatureExtractor
 
-        from tars.models.loading import atomic_dir
+        from tars.atomic import atomic_dir
 
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(str(tmp))

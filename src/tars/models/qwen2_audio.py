@@ -146,7 +146,7 @@ class Qwen2AudioBackend(Backend):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model + tokenizer (+ the projector spec when it is ours), atomically as a folder."""
-        from tars.models.loading import atomic_dir
+        from tars.atomic import atomic_dir
 
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(str(tmp))

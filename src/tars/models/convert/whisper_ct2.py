@@ -23,16 +23,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import struct
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from tars.atomic import atomic_dir
 from tars.errors import UserError
 from tars.paths import tars_home
 
@@ -331,7 +327,7 @@ def convert_whisper_ct2(out_dir: str | os.PathLike | None = None, ct2_dir: str |
     model.eval()
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=config.num_mel_bins),
                                  tokenizer=build_whisper_tokenizer(src))
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "tars_source.json").write_text(json.dumps(
@@ -350,47 +346,3 @@ def load_whisper(out_dir: str | os.PathLike | None = None):
     model = WhisperForConditionalGeneration.from_pretrained(out_dir)
     processor = WhisperProcessor.from_pretrained(out_dir)
     return model.eval(), processor
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic directory output (shared with gguf_llama)
-
-
-def _current_umask() -> int:
-    try:  # Linux: read it without the process-wide (thread-unsafe) set-and-restore
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp dir beside `out_dir`; on success it replaces `out_dir` by rename, on error it is removed.
-
-    A killed job leaves at worst a hidden `.name.*` directory, never a half-written `out_dir`.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        umask = _current_umask()
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final dir gets the usual permissions
-        yield tmp
-        for f in tmp.rglob("*"):  # some writers create 0600 temp files and rename them into place
-            if f.is_file() and not f.is_symlink():
-                os.chmod(f, 0o666 & ~umask)
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
-            old = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{time.monotonic_ns()}.old"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,0 +1,101 @@
+"""Mini-model backend throughput: generation at batch 1 / 8 / 32, and `score` with all-layer pooling.
+
+    .venv/bin/python benchmarks/mini_backend.py [--model mini:base] [--new-tokens 32]
+
+Generation: text prompts of the synthetic families, sampling at temperature 1 with a forced length
+(`min_new_tokens` = `max_new_tokens`), tokens/s counted over all rows. Scoring: one group of 8
+completions of the same question, log-probs only vs log-probs + mean/last pooling of every decoder
+layer; time is the median of --repeat runs, peak memory is the largest RSS increase seen by a 1 ms
+sampler thread during the call. Everything in one process and one run, ratios side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+from tars.data.families import make_mixture
+from tars.models.loading import load_backend
+from tars.models.mini import build_mini
+
+
+class PeakRSS:
+    def __init__(self):
+        self.proc = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self):
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the mini base model, built if missing)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    backend = load_backend(args.model or build_mini())
+    records = make_mixture(["comparison", "facts", "units", "counting"], 32, seed=7)
+    g = torch.Generator().manual_seed(0)
+
+    rates = {}
+    for bs in [int(b) for b in args.batches.split(",")]:
+        inputs = backend.build_inputs(records[:bs], "text")
+        backend.generate(inputs, max_new_tokens=2, min_new_tokens=2, generator=g)  # warm-up
+        t = time.perf_counter()
+        gen = backend.generate(inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, generator=g)
+        dt = time.perf_counter() - t
+        rates[bs] = sum(len(x) for x in gen.token_ids) / dt
+        print(f"generate batch {bs:3d}: {rates[bs]:7.1f} tok/s  ({dt:.2f} s for {args.new_tokens} tokens)")
+
+    inputs = backend.build_inputs(records[:1], "text")
+    group = backend.generate(inputs, num_samples=8, max_new_tokens=96, min_new_tokens=96, generator=g)
+    all_layers = list(range(1, len(backend.decoder_layers()) + 1))
+
+    def timed(layers):
+        times, peaks = [], []
+        for _ in range(args.repeat):
+            with PeakRSS() as mem:
+                t = time.perf_counter()
+                backend.score(inputs, group.token_ids, group.prompt_index, layers=layers)
+                times.append(time.perf_counter() - t)
+            peaks.append(mem.delta_mb)
+        return statistics.median(times), max(peaks)
+
+    timed(None)  # warm-up
+    t0, m0 = timed(None)
+    t1, m1 = timed(all_layers)
+    print(f"score 8 x 96 tokens, log-probs only      : {t0 * 1000:7.1f} ms, peak +{m0:6.1f} MB")
+    print(f"score 8 x 96 tokens, + {len(all_layers)} layers pooled  : {t1 * 1000:7.1f} ms, peak +{m1:6.1f} MB")
+    first, last = min(rates), max(rates)
+    print(f"generation batch {last} vs {first}: {rates[last] / rates[first]:.2f}x tokens/s; "
+          f"score with all-layer pooling vs log-probs only: {t1 / t0:.3f}x time, {m1 / max(m0, 1e-9):.3f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
