@@ -109,9 +109,20 @@ class Backend(nn.Module):
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.decoder().get_input_embeddings()(ids)
 
+    def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
+        """Frozen encoder output per clip (cached), [frames_i, d_audio]: the projector's input."""
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> nn.Module:
+        """The trainable map from encoder frames to LLM embeddings."""
+        raise NotImplementedError
+
     def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
         """Projected audio frames per clip, [n_i, hidden]: what replaces the audio slot."""
-        raise NotImplementedError
+        proj = self.projector
+        dtype = next(proj.parameters()).dtype
+        return [proj(h.to(device=self.device, dtype=dtype)) for h in self.encode_audio(paths)]
 
     def audio_wrap(self) -> tuple[str, str]:
         """Template text immediately before and after the audio embeddings (e.g. audio_bos / eos)."""
@@ -322,6 +333,15 @@ class Backend(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.decoder().parameters()).dtype
+
+
+def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:
+    """Ids of the end-of-turn tokens `names` that the tokenizer knows, plus its eos token."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    ids = [t for t in ids if isinstance(t, int) and t != tokenizer.unk_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:

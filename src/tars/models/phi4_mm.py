@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from tars.data.audio import SAMPLE_RATE, load_audio
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
-from tars.models.backend import Backend, Generation, PromptBatch, Scores
+from tars.models.backend import Backend, Generation, PromptBatch, Scores, stop_tokens
 from tars.models.loading import load_tokenizer, read_config, require_architecture
 from tars.models.qwen2_audio import default_cache_dir, encoder_fingerprint
 
@@ -166,11 +166,7 @@ class Phi4MMBackend(Backend):
         audio = model.config.audio_config
         self.max_audio_s = float(max_audio_s or ENCODER_BLOCK * audio.time_reduction * 160 / SAMPLE_RATE)
         self.cache = cache or AudioCache(f"{name}-enc")
-        stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
-        stops = [t for t in stops if isinstance(t, int) and t != tokenizer.unk_token_id]
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-            stops.append(tokenizer.eos_token_id)
-        self.stop_token_ids = stops
+        self.stop_token_ids = stop_tokens(tokenizer, ("<|end|>", "<|endoftext|>"))
 
     # ---- modules ---------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
@@ -260,11 +256,6 @@ class Phi4MMBackend(Backend):
                                 "(preprocessor_config.json does not match the model's audio config)")
             out.append(h[:n].float())
         return out
-
-    def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
-        proj = self.projector
-        dtype = proj.up.weight.dtype
-        return [proj(h.to(device=self.device, dtype=dtype)) for h in self.encode_audio(paths)]
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod

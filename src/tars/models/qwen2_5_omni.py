@@ -47,7 +47,7 @@ from tars.data.audio import SAMPLE_RATE, load_audio
 from tars.data.features import HOP_LENGTH, N_FFT, log_mel
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
-from tars.models.backend import Backend
+from tars.models.backend import Backend, stop_tokens
 from tars.models.loading import load_tokenizer, read_config, require_architecture
 from tars.models.qwen2_audio import default_cache_dir, encoder_fingerprint
 
@@ -82,11 +82,7 @@ class Qwen25OmniBackend(Backend):
             raise UserError(f"{name}: the tokenizer lacks the audio start/end tokens the config names "
                             f"(ids {cfg.audio_start_token_id}, {cfg.audio_end_token_id})")
         self._wrap = (wrap[0], wrap[1])
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        eos = [t for t in eos if isinstance(t, int) and t != tokenizer.unk_token_id]
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.stop_token_ids = eos
+        self.stop_token_ids = stop_tokens(tokenizer, ("<|im_end|>", "<|endoftext|>"))
 
     # ---- modules ---------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
@@ -148,11 +144,6 @@ class Qwen25OmniBackend(Backend):
             handle.remove()
         _, out_len = enc._get_feat_extract_output_lengths(lens)
         return [h.float() for h in pooled[0].split(out_len.tolist(), 0)]
-
-    def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
-        proj = self.projector
-        dtype = next(proj.parameters()).dtype
-        return [proj(h.to(device=self.device, dtype=dtype)) for h in self.encode_audio(paths)]
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod

@@ -26,7 +26,7 @@ from tars.data.audio import SAMPLE_RATE, load_audio
 from tars.data.features import log_mel
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
-from tars.models.backend import Backend
+from tars.models.backend import Backend, stop_tokens
 from tars.models.loading import load_tokenizer, read_config, require_architecture
 from tars.models.projector import StackingProjector
 
@@ -49,11 +49,7 @@ class Qwen2AudioBackend(Backend):
         self.window_frames = enc.config.max_source_positions * 2
         self.max_audio_s = self.window_frames * 160 / SAMPLE_RATE
         self.cache = cache or AudioCache(f"{name}-enc")
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        eos = [t for t in eos if isinstance(t, int) and t != tokenizer.unk_token_id]
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.stop_token_ids = eos
+        self.stop_token_ids = stop_tokens(tokenizer, ("<|im_end|>", "<|endoftext|>"))
 
     # ---- modules ---------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
@@ -108,11 +104,6 @@ class Qwen2AudioBackend(Backend):
                                          attention_mask=valid)
         out = enc(x, attention_mask=mask).last_hidden_state
         return [out[i, : int(out_len[i])].float() for i in range(len(paths))]
-
-    def audio_embeds(self, paths: Sequence[Path]) -> list[Tensor]:
-        proj = self.projector
-        dtype = next(proj.parameters()).dtype
-        return [proj(h.to(device=self.device, dtype=dtype)) for h in self.encode_audio(paths)]
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
