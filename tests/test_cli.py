@@ -77,3 +77,15 @@ def test_make_then_validate(tmp_path):
     res = run_cli("data", "make", "--family", "arithmetic", "--n", "20", "--seed", "3", "--out", out)
     assert res.returncode == 0, res.stderr
     assert "20 valid records" in run_cli("data", "validate", out).stdout
+
+
+def test_make_excludes_questions_of_other_sets(tmp_path):
+    import json
+    train = tmp_path / "train.jsonl"
+    assert run_cli("data", "make", "--family", "facts", "--n", "60", "--seed", "1", "--out", train).returncode == 0
+    held = tmp_path / "held.jsonl"
+    res = run_cli("data", "make", "--family", "facts", "--n", "30", "--seed", "2", "--exclude", train, "--out", held)
+    assert res.returncode == 0, res.stderr
+    seen = {json.loads(l)["question"] for l in train.read_text().splitlines()}
+    got = [json.loads(l)["question"] for l in held.read_text().splitlines()]
+    assert len(got) == 30 and not seen & set(got)

@@ -92,16 +92,34 @@ def data_make(
     difficulty: Optional[int] = typer.Option(
         None, "--difficulty", help="1 (easiest) to 3; default: a mix drawn per item."
     ),
+    exclude: list[Path] = typer.Option(
+        [], "--exclude", help="JSONL file(s) whose question texts must not appear (held-out sets); repeatable."
+    ),
 ) -> None:
-    """Generate synthetic multiple-choice questions with 4 options and a gold chain of thought."""
+    """Generate synthetic multiple-choice questions with 4 options and a gold chain of thought.
+
+    With --exclude, items whose question text occurs in those files are skipped (and more are drawn),
+    so an evaluation set shares no question with the training sets.
+    """
     from tars.data.families import FAMILIES, make_family, make_mixture
     from tars.data.jsonl import write_records
 
+    from tars.data.jsonl import read_records
+
     names = list(FAMILIES) if family == "all" else [f.strip() for f in family.split(",") if f.strip()]
-    if len(names) == 1:
-        records = make_family(names[0], n, seed, difficulty)
-    else:
-        records = make_mixture(names, n, seed, difficulty)
+    seen = {r.question for f in exclude for r in read_records(f)}
+
+    def draw(k: int):
+        return make_family(names[0], k, seed, difficulty) if len(names) == 1 else make_mixture(names, k, seed, difficulty)
+
+    k = n
+    records = [r for r in draw(k) if r.question not in seen]
+    while len(records) < n and k < 16 * n:
+        k *= 2
+        records = [r for r in draw(k) if r.question not in seen]
+    if len(records) < n:
+        raise UserError(f"only {len(records)} questions of family {family!r} are not in the --exclude files")
+    records = records[:n]
     write_records(out, records)
     typer.echo(f"wrote {len(records)} {family} questions to {out}")
 
