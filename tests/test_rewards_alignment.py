@@ -1,0 +1,229 @@
+"""Base and alignment rewards (DESIGN §2 steps 2-4), against numbers worked out by hand."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from tars.errors import UserError
+from tars.rewards import (
+    accuracy_reward,
+    alignment_rewards,
+    base_reward,
+    behavior_reward,
+    choose_references,
+    cosine_similarity,
+    embedding_text,
+    representation_reward,
+    select_layers,
+    text_alignment_reward,
+)
+from tars.rewards.alignment import SentenceEmbedder
+
+R2 = 1 / math.sqrt(2)  # 0.70710678...
+
+# ---- base reward -----------------------------------------------------------------------------------
+COMPLETIONS = [
+    "<think>4 is 2+2</think><answer>The answer is B.</answer>",  # right, strict format
+    "<answer>A</answer>",  # wrong, loose format (no think, a letter)
+    "I have no idea",  # unreadable, no format
+    "<think>two and two</think> <answer>The answer is (B)</answer>",  # right, strict
+    "<think>hmm</think>The answer is B, I think, <answer>B</answer> done",  # right, loose (extra text)
+]
+OPTIONS = [["3", "4"]] * 5
+ANSWERS = ["B", "B", "B", "b", "B"]
+
+
+def test_accuracy_reward_reads_the_gold_letter():
+    # extract_choice: B, A, None, B, B; gold B (the 4th given as "b") -> 1, 0, 0, 1, 1
+    assert accuracy_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_base_reward_adds_weighted_format():
+    # format_score: 1, 0.5, 0, 1, 0.5
+    # λ=0.5: 1+0.5·1=1.5, 0+0.5·0.5=0.25, 0+0=0, 1+0.5=1.5, 1+0.5·0.5=1.25
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.5, 0.25, 0.0, 1.5, 1.25]
+    # λ=1 (the reference code's weight): 2, 0.5, 0, 2, 1.5
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_weight=1.0) == [2.0, 0.5, 0.0, 2.0, 1.5]
+
+
+def test_base_reward_rejects_unpaired_lists():
+    with pytest.raises(ValueError, match="one options list and one answer per completion"):
+        base_reward(COMPLETIONS, OPTIONS[:2], ANSWERS)
+
+
+# ---- layers ----------------------------------------------------------------------------------------
+def test_select_layers_named_ranges():
+    assert select_layers("all", 4) == [1, 2, 3, 4]
+    # 30 = 10 + 10 + 10
+    assert select_layers("shallow", 30) == list(range(1, 11))
+    assert select_layers("middle", 30) == list(range(11, 21))
+    assert select_layers("deep", 30) == list(range(21, 31))
+    # 4 = 2 + 1 + 1 (earlier thirds take the remainder; shallow = 1..ceil(4/3) = 1..2)
+    assert [select_layers(t, 4) for t in ("shallow", "middle", "deep")] == [[1, 2], [3], [4]]
+    # 5 = 2 + 2 + 1
+    assert [select_layers(t, 5) for t in ("shallow", "middle", "deep")] == [[1, 2], [3, 4], [5]]
+    # last-4 of 30: 30-4+1 = 27 .. 30
+    assert select_layers("last-4", 30) == [27, 28, 29, 30]
+    assert select_layers(" LAST-1 ", 30) == [30]
+
+
+def test_select_layers_explicit():
+    assert select_layers([8, 1, 16], 16) == [1, 8, 16]
+    assert select_layers("3, 1", 4) == [1, 3]  # as a key=value override spells it
+
+
+@pytest.mark.parametrize(
+    "spec, n, message",
+    [
+        ("deep", 2, "no deep third"),  # 2 = 1 + 1 + 0
+        ("last-0", 8, "k must be in 1..8"),
+        ("last-9", 8, "k must be in 1..8"),
+        ([0, 1], 8, "each must be an int in 1..8"),
+        ([9], 8, "each must be an int in 1..8"),
+        ([True], 8, "each must be an int"),
+        ([2, 2], 8, "listed twice"),
+        ([], 8, "at least one layer"),
+        ("bottom", 8, "expected one of all, shallow"),
+        (3, 8, "expected one of"),
+    ],
+)
+def test_select_layers_rejects(spec, n, message):
+    with pytest.raises(ValueError, match=message):
+        select_layers(spec, n)
+
+
+# ---- cosines ---------------------------------------------------------------------------------------
+def test_cosine_by_hand():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-2.0, -4.0], [1.0, 1.0]])
+    # [1,0]·[0,1] = 0; [1,1]·[1,0] / (√2·1) = 1/√2; [1,2] vs -2·[1,2] = -1; zero vector -> 0, not NaN
+    assert cosine_similarity(a, b).tolist() == pytest.approx([0.0, R2, -1.0, 0.0])
+
+
+def test_representation_reward_is_mean_of_layer_cosines():
+    speech = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]])  # [S=2, L=2, H=2]
+    text = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[3.0, 0.0], [5.0, 5.0]]])
+    # rollout 0: layer cosines 0 and 1/√2 -> (0 + 0.70710678) / 2 = 0.35355339
+    # rollout 1: layer cosines 1 ([2,0] ∥ [3,0]) and 0 (zero vector) -> 0.5
+    assert representation_reward(speech, text).tolist() == pytest.approx([R2 / 2, 0.5])
+    # not the cosine of the concatenated states: for rollout 1 that would be 6 / (2·√59) = 0.39
+    assert representation_reward(speech, text)[1].item() != pytest.approx(6 / (2 * math.sqrt(59)))
+
+
+def test_behavior_reward_by_hand():
+    # [3,4]·[4,3] / (5·5) = 24/25 = 0.96
+    assert behavior_reward(torch.tensor([[3.0, 4.0]]), torch.tensor([[4.0, 3.0]])).tolist() == pytest.approx([0.96])
+
+
+# ---- references ------------------------------------------------------------------------------------
+def test_round_robin_cycles_through_correct_text_rollouts():
+    correct = [False, True, False, True]  # correct ones: 1, 3
+    assert choose_references(correct, 4, "round_robin") == [1, 3, 1, 3]
+    assert choose_references(correct, 3, "round_robin") == [1, 3, 1]
+    assert choose_references([False] * 4, 3, "round_robin") == [None, None, None]
+
+
+def test_random_references_are_correct_uniform_and_seeded():
+    correct = [False, True, False, True]
+    picks = choose_references(correct, 2000, "random", random.Random(0))
+    assert set(picks) == {1, 3}
+    assert 900 < picks.count(1) < 1100  # uniform: 1000 expected, sd ≈ 22
+    assert choose_references(correct, 8, "random", random.Random(5)) == choose_references(
+        correct, 8, "random", random.Random(5)
+    )
+    assert choose_references([False, False], 2, "random", random.Random(0)) == [None, None]
+    with pytest.raises(ValueError, match="needs an rng"):
+        choose_references(correct, 2, "random")
+    with pytest.raises(ValueError, match="reference mode"):
+        choose_references(correct, 2, "best")
+
+
+# ---- one question's group --------------------------------------------------------------------------
+SPEECH_POOLED = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])  # S=2, L=1, H=2
+TEXT_POOLED = torch.tensor([[[9.0, 9.0]], [[0.0, 1.0]], [[1.0, 0.0]]])  # G=3
+SPEECH_EMB = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+TEXT_EMB = torch.tensor([[3.0, 4.0], [4.0, 3.0], [0.0, 1.0]])
+
+
+def test_alignment_rewards_pairs_with_correct_text():
+    out = alignment_rewards(
+        [False, True, True], speech_pooled=SPEECH_POOLED, text_pooled=TEXT_POOLED,
+        speech_emb=SPEECH_EMB, text_emb=TEXT_EMB, mode="round_robin",
+    )
+    # text rollout 0 is wrong (and would give rep 1/√2, beh 1 for speech 0): references are 1, 2
+    assert out.references == [1, 2]
+    # rep: s0 [1,0] vs t1 [0,1] = 0; s1 [1,1] vs t2 [1,0] = 1/√2
+    assert out.rep.tolist() == pytest.approx([0.0, R2])
+    # beh: s0 [3,4] vs t1 [4,3] = 24/25; s1 [1,0] vs t2 [0,1] = 0
+    assert out.beh.tolist() == pytest.approx([0.96, 0.0])
+    assert out.no_reference is False
+
+
+def test_alignment_rewards_zero_without_correct_text():
+    out = alignment_rewards(
+        [False, False, False], speech_pooled=SPEECH_POOLED, text_pooled=TEXT_POOLED,
+        speech_emb=SPEECH_EMB, text_emb=TEXT_EMB, mode="random", rng=random.Random(0),
+    )
+    assert out.rep.tolist() == [0.0, 0.0] and out.beh.tolist() == [0.0, 0.0]
+    assert out.references == [None, None] and out.no_reference is True
+
+
+def test_alignment_rewards_one_kind_only():
+    out = alignment_rewards([False, True, True], speech_emb=SPEECH_EMB, text_emb=TEXT_EMB, mode="round_robin")
+    assert out.rep.tolist() == [0.0, 0.0]  # +beh ablation: no representation reward
+    assert out.beh.tolist() == pytest.approx([0.96, 0.0])
+    with pytest.raises(ValueError, match="both speech and text"):
+        alignment_rewards([True], speech_emb=SPEECH_EMB)
+    with pytest.raises(ValueError, match="2 text embeddings rows for 3 text rollouts"):
+        alignment_rewards([True, True, True], speech_emb=SPEECH_EMB, text_emb=TEXT_EMB[:2])
+    with pytest.raises(ValueError, match="nothing to align"):
+        alignment_rewards([True])
+
+
+def test_text_alignment_reward_modes():
+    speech = [0.5, 1.0, 0.0, 0.3]
+    assert text_alignment_reward(speech, "speech_mean") == pytest.approx(0.45)  # 1.8 / 4
+    assert text_alignment_reward(speech, "zero") == 0.0
+    assert text_alignment_reward(speech, "none") is None
+    assert text_alignment_reward([], "speech_mean") == 0.0
+    with pytest.raises(ValueError, match="text alignment mode"):
+        text_alignment_reward(speech, "text_mean")
+
+
+# ---- sentence embeddings ---------------------------------------------------------------------------
+def test_embedding_text_drops_tags_keeps_answer():
+    text = "<think> I add 2 and 2.\n</think>\n<ANSWER>The answer is B.</answer >"
+    assert embedding_text(text) == "I add 2 and 2. The answer is B."
+    assert embedding_text("no tags  at\tall") == "no tags at all"
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return SentenceEmbedder()
+
+
+def test_sentence_embedder_paraphrase_beats_unrelated(embedder):
+    e = embedder.embed([
+        "The cat sat on the mat.",
+        "A cat was sitting on a rug.",
+        "Interest rates rose sharply last quarter.",
+    ])
+    assert e.shape == (3, 384) and e.dtype == torch.float32
+    assert e.norm(dim=1).tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    para, unrelated = behavior_reward(e[:1], e[1:2]).item(), behavior_reward(e[:1], e[2:]).item()
+    assert para > unrelated + 0.3
+    assert embedder.embed([]).shape == (0, 384)
+    # embed_completions embeds the tag-free text
+    done = embedder.embed_completions(["<think>The cat sat on the mat.</think>"])
+    assert torch.allclose(done, e[:1], atol=1e-5)
+
+
+def test_sentence_embedder_bad_path(tmp_path):
+    with pytest.raises(UserError, match="no sentence embedding model folder at") as err:
+        SentenceEmbedder(tmp_path / "missing")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="cannot load a sentence embedding model") as err:
+        SentenceEmbedder(tmp_path)  # an empty folder
+    assert "\n" not in str(err.value)
