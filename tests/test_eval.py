@@ -35,10 +35,14 @@ def test_summarize_by_hand():
 @needs_espeak
 def test_eval_runs_both_modalities_and_resumes(tmp_path):
     model = tiny_qwen2_audio(tmp_path / "m", window_s=15.0)
-    data = write_jsonl(tmp_path / "q.jsonl", [good_row(i, question=f"Is {i} small?") for i in range(5)])
+    long_q = "Read this slowly: " + " ".join(["one two three four five six seven eight"] * 8) + "?"
+    data = write_jsonl(tmp_path / "q.jsonl", [good_row(i, question=f"Is {i} small?") for i in range(5)]
+                       + [good_row(9, question=long_q)])
     cfg = validate(EvalConfig, dict(model=str(model), data=[str(data)], out=str(tmp_path / "e"),
                                     batch_size=2, max_new_tokens=4))
     m = run_eval(cfg, progress=False)
+    # The long question's clip is over the 15 s window: left out of both modalities, and said so.
+    assert m["excluded_too_long"] == {"q": ["q9"]}
     assert m["datasets"]["q"]["text"]["n"] == 5 and m["datasets"]["q"]["speech"]["n"] == 5
     preds = tmp_path / "e" / "predictions.jsonl"
     lines = preds.read_text().splitlines()

@@ -75,16 +75,27 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     done = {(r["dataset"], r["modality"], r["id"]) for r in rows}
     backend = load_backend(resolve(cfg.model))
     timing: dict[str, float] = {}
+    excluded: dict[str, list[str]] = {}
     for arg in cfg.data:
         path = resolve_data(arg)
         name = dataset_name(arg)
         records = read_records(path)[: cfg.limit] if cfg.limit else read_records(path)
+        spoken_recs, spoken_base = records, path.parent
+        if "speech" in cfg.modalities:
+            if not all(r.audio for r in records):
+                spoken_recs, spoken_base = spoken(records, cfg.voice_seed)
+            # Clips over the encoder window are refused by the backends (never truncated); leave those
+            # questions out of BOTH modalities so that the gap compares the same questions.
+            too_long = {r.id for r in spoken_recs if (r.duration_s or 0.0) > backend.max_audio_s}
+            if too_long:
+                excluded[name] = sorted(too_long)
+                print(f"{name}: {len(too_long)} question(s) left out: audio over the {backend.max_audio_s:g} s "
+                      "encoder window")
+        else:
+            too_long = set()
         for mod in cfg.modalities:
-            if mod == "speech" and not all(r.audio for r in records):
-                recs, base = spoken(records, cfg.voice_seed)
-            else:
-                recs, base = records, path.parent
-            todo = [r for r in recs if (name, mod, r.id) not in done]
+            recs, base = (spoken_recs, spoken_base) if mod == "speech" else (records, path.parent)
+            todo = [r for r in recs if (name, mod, r.id) not in done and r.id not in too_long]
             if not todo:
                 continue
             todo.sort(key=lambda r: (r.duration_s or 0.0) if mod == "speech" else len(text_prompt(r)))
@@ -108,8 +119,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                     bar.update(len(batch))
             timing[f"{name}/{mod}"] = round(time.perf_counter() - t0, 1)
     wanted = {dataset_name(a) for a in cfg.data}
-    metrics = summarize(r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities)
+    left_out = {(ds, i) for ds, ids in excluded.items() for i in ids}
+    metrics = summarize(r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities
+                        and (r["dataset"], r["id"]) not in left_out)
     metrics["model"] = cfg.model
+    metrics["excluded_too_long"] = excluded
     metrics["seconds"] = timing
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
