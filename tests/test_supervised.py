@@ -32,11 +32,13 @@ def params(path, which):
     return {k: v.clone() for k, v in mod.state_dict().items()}
 
 
-def test_sft_target_names_the_letter():
+def test_sft_target_letter_styles():
     from tars.data.schema import Record
-    r = Record(id="x", question="q", options=["1", "2"], answer="B", cot="One plus one is 2.")
-    assert sft_target(r, True) == "<think>One plus one is 2. That is option B.</think><answer>The answer is B.</answer>"
-    assert sft_target(r, False) == "<think>One plus one is 2.</think><answer>The answer is B.</answer>"
+    r = Record(id="x", question="q", options=["1", "2", "3"], answer="B", cot="One plus one is 2.")
+    assert sft_target(r, "name") == "<think>One plus one is 2. That is option B.</think><answer>The answer is B.</answer>"
+    assert sft_target(r, "none") == "<think>One plus one is 2.</think><answer>The answer is B.</answer>"
+    assert sft_target(r, "scan") == ("<think>One plus one is 2. Checking the options: A is 1, no. B is 2, yes. "
+                                     "That is option B.</think><answer>The answer is B.</answer>")
 
 
 def test_text_sft_trains_the_llm_only_and_lowers_the_loss(tiny, tmp_path):

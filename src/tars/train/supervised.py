@@ -53,17 +53,30 @@ class SupervisedConfig(Config):
     grad_clip: float = 1.0
     completion_weight: float = 1.0
     transcript_weight: float = 0.0
-    #: Append "That is option X." to the gold reasoning: makes the value → letter step explicit.
-    name_letter: bool = True
+    #: How the gold reasoning reaches the letter (see `sft_target`): `scan` walks the options in order.
+    letter_style: Literal["none", "name", "scan"] = "scan"
     seed: int = 0
     save_every: int = 25
     threads: int | None = None
 
 
-def sft_target(rec: Record, name_letter: bool) -> str:
+def sft_target(rec: Record, letter_style: str = "scan") -> str:
+    """The gold completion. A 135M model computes the value far more often than it finds its letter
+    (measured: 19 of 23 arithmetic values right, 12 letters right), so the reasoning can spell the
+    lookup out. `name`: "… That is option B."; `scan`: "… Checking the options: A is 6, no. B is 4,
+    yes. That is option B." — each step is a copy from the prompt or a comparison with the value just
+    computed, which small models learn far more easily than a one-step value → letter lookup."""
     cot = (rec.cot or "").strip()
-    if name_letter:
+    if letter_style == "name":
         cot = f"{cot} That is option {rec.answer}.".strip()
+    elif letter_style == "scan":
+        steps = []
+        for letter, option in zip(rec.letters, rec.options):
+            hit = letter == rec.answer
+            steps.append(f"{letter} is {option}, {'yes' if hit else 'no'}.")
+            if hit:
+                break
+        cot = f"{cot} Checking the options: {' '.join(steps)} That is option {rec.answer}.".strip()
     return gold_completion(rec, cot)
 
 
@@ -108,7 +121,7 @@ def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
         loss_parts = {}
         loss = torch.zeros(())
         if cfg.completion_weight:
-            targets = [tok(sft_target(r, cfg.name_letter), add_special_tokens=False)["input_ids"] + [stop_id]
+            targets = [tok(sft_target(r, cfg.letter_style), add_special_tokens=False)["input_ids"] + [stop_id]
                        for r in batch]
             inputs = backend.build_inputs(batch, cfg.modality, base_dir=base)
             s = backend.score(inputs, targets, range(len(batch)), grad=True)
