@@ -62,6 +62,24 @@ class PromptBatch:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def select(self, indices: Sequence[int]) -> "PromptBatch":
+        """The rows `indices`, in that order (a micro-batch of questions), with the left padding that no
+        kept row needs trimmed off: positions come from the mask, so the result scores the same, only
+        shorter."""
+        idx = list(indices)
+        if not idx:
+            raise ValueError("select at least one row")
+        rows = torch.as_tensor(idx, dtype=torch.long, device=self.embeds.device)
+        lengths = [self.lengths[i] for i in idx]
+        start = self.embeds.shape[1] - max(lengths)
+        return PromptBatch(
+            self.embeds.index_select(0, rows)[:, start:],
+            self.attention_mask.index_select(0, rows)[:, start:],
+            lengths,
+            self.modality,
+            [self.record_ids[i] for i in idx],
+        )
+
 
 @dataclass
 class Generation:

@@ -1,0 +1,664 @@
+"""The TARS trainer: on-policy RL that pulls a Speech LLM's reasoning from speech towards its own
+reasoning from text (DESIGN §2), one training step and the resumable loop around it.
+
+`TarsTrainer.step` is the algorithm, readable top to bottom next to the paper; its comments carry the
+numbers of DESIGN §2:
+
+1. paired rollouts: G_s completions from the speech prompt, G_t from the text prompt, current policy;
+2. `R_base = R_acc + λ·R_fmt` for every rollout;
+3. alignment rewards for speech rollouts only, against a *correct* text rollout of the same question:
+   `R_rep` (per-layer cosine of completion-pooled hidden states) and `R_beh` (cosine of sentence
+   embeddings); speech reward `R_base + w_rep·R_rep + w_beh·R_beh`;
+4. asymmetry: text rollouts get `R_base` plus at most a per-question constant (`text_alignment`);
+5. advantages `A = r − mean(r over the same question and modality)` (`group_advantages`);
+6. the DAPO token-level clipped surrogate (`clipped_surrogate`), LoRA on the LLM only.
+
+The ablations are configuration, not code: `method` = `grpo` (R_base only), `grpo_rep` (+R_rep),
+`grpo_beh` (+R_beh), `tars` (both); plus layer sets, pooling, reference choice, the text alignment term,
+std scaling, joint groups and the loss normalisation.
+
+Two choices worth knowing:
+
+* **One forward per modality and micro-batch.** With one update per batch the sampling policy is the
+  policy being trained, so the "old" log-probs are the current ones detached (ratio 1, plain policy
+  gradient) and the grad-enabled forward that gives the log-probs also hands out, through
+  `Backend.score`'s pooling hooks, the per-layer states `R_rep` needs. The reference code runs an extra
+  no-grad forward over every completion for those states; here `R_rep` costs no forward at all. The
+  states then carry the LoRA dropout of that forward, a noise of the same size as the one in the
+  log-probs the gradient uses.
+* **Where text completions are scored** (`text_scored_under`). `text` (default, the paper): text
+  completions' log-probs and hidden states are computed under the text prompt they were sampled from.
+  `speech` (the public reference code): they are computed under the *speech* prompt of the same
+  question, so the text trajectories are both trained as speech-prompted behaviour and compared as
+  speech-conditioned states. That is off-policy for the text rollouts (sampled from the text prompt)
+  with no importance correction, as in the reference code; use it to reproduce that code.
+
+Runs resume after a kill: every random draw of step k comes from generators seeded by (seed, k) (the
+rollout sampler, the LoRA dropout, the reference choice), the question order is a function of
+(seed, epoch), and checkpoints hold the LoRA weights, optimizer, scheduler and RNG states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from tars.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from tars.config import Config, save_config
+from tars.data.schema import Record
+from tars.data.sources import DataConfig, load_data
+from tars.errors import UserError
+from tars.paths import resolve
+from tars.rewards.accuracy import accuracy_reward, base_reward
+from tars.rewards.alignment import SentenceEmbedder, alignment_rewards, select_layers, text_alignment_reward
+from tars.rewards.format import format_score
+from tars.rl.advantages import SPEECH, TEXT, group_advantages
+from tars.rl.losses import clipped_surrogate, loss_normalizer
+
+Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh"]
+#: Methods whose speech reward has the representation / behaviour alignment term.
+USES_REP = ("tars", "grpo_rep")
+USES_BEH = ("tars", "grpo_beh")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "tars_adapter.json"
+
+
+class LoraSettings(Config):
+    """LoRA on the LLM's linear layers (paper: r 8, α 32, dropout 0.05, all attention and MLP
+    projections). `target_modules` are module names matched against the decoder blocks' linear layers;
+    names a model lacks are ignored, so one list serves Qwen (q/k/v/o, gate/up/down) and Phi-4 (fused
+    `qkv_proj`, `gate_up_proj`)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                 "qkv_proj", "gate_up_proj"]
+
+
+class TarsConfig(Config):
+    model: str
+    out: str
+    #: grpo = R_base only; grpo_rep = + representation alignment; grpo_beh = + behaviour; tars = both.
+    method: Method = "tars"
+    data: DataConfig = DataConfig()
+    #: Optimisation steps; None = `epochs` passes over the data (the paper: 3 epochs).
+    steps: int | None = Field(None, ge=1)
+    epochs: int = Field(3, ge=1)
+    questions_per_step: int = Field(8, ge=1)
+    speech_rollouts: int = Field(4, ge=1)
+    text_rollouts: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=1)
+    #: λ of R_base = R_acc + λ·R_fmt (paper 0.5; the reference code 1.0).
+    format_weight: float = 0.5
+    w_rep: float = 1.0
+    w_beh: float = 1.0
+    #: Decoder layers R_rep averages over: all | shallow | middle | deep | last-k | [l1, l2, ...].
+    layers: str | list[int] = "all"
+    pooling: Literal["mean", "last"] = "mean"
+    reference: Literal["random", "round_robin"] = "random"
+    text_alignment: Literal["speech_mean", "zero", "none"] = "speech_mean"
+    #: `text` = the paper; `speech` = the public reference code's variant (see the module docstring).
+    text_scored_under: Literal["text", "speech"] = "text"
+    advantage_std: bool = False
+    joint_groups: bool = False
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0)
+    beta: float = Field(0.0, ge=0)
+    lr: float = Field(2e-5, gt=0)
+    warmup_frac: float = Field(0.01, ge=0, le=1)
+    #: After warm-up: `linear` decay to 0 (the Hugging Face Trainer's default), `cosine`, or `constant`.
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    lora: LoraSettings = LoraSettings()
+    #: Questions per gradient-accumulation micro-batch (whole question groups); None = the whole step.
+    micro_batch_questions: int | None = Field(None, ge=1)
+    #: Sentence-transformers model folder for R_beh; None = the packaged all-MiniLM-L6-v2.
+    embedder: str | None = None
+    seed: int = 0
+    save_every: int = Field(50, ge=1)
+    keep_last: int = Field(2, ge=1)
+    #: Also save the LoRA merged into the weights as a plain model folder (`out/model`, for `tars eval`).
+    save_merged: bool = True
+    #: None = $TARS_DEVICE, else cuda when available, else cpu.
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_spec(cls, v):
+        # The layer count is known only once the model loads; check the form now, the range then.
+        select_layers(v, 1 << 20)
+        return v
+
+
+# ---- LoRA on the LLM --------------------------------------------------------------------------------
+_LORA_PARAM = re.compile(r"(.+)\.lora_([AB])\.default\.weight")
+
+
+def lora_targets(backend, names: Sequence[str]) -> list[str]:
+    """Decoder-relative names of the linear layers inside the decoder blocks whose own name is in
+    `names`: only the LLM's blocks, never an encoder or vision tower a decoder module may also hold."""
+    in_blocks = {id(m) for m in backend.decoder_layers().modules()}
+    wanted = set(names)
+    return [n for n, m in backend.decoder().named_modules()
+            if id(m) in in_blocks and isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
+
+
+def add_lora(backend, lora: LoraSettings, targets: Sequence[str] | None = None) -> dict[str, torch.nn.Parameter]:
+    """Freeze the whole model and inject trainable LoRA layers (peft) into the decoder, in place, so
+    `backend.decoder()` and `lm_head()` keep working unchanged. Returns the LoRA parameters by their
+    adapter-free names (`layers.0.self_attn.q_proj.lora_A.weight`), kept in float32 whatever the
+    model's dtype (Adam on bf16 weights loses the small updates)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    for p in backend.parameters():
+        p.requires_grad_(False)
+    targets = list(targets) if targets is not None else lora_targets(backend, lora.target_modules)
+    if not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in backend.decoder_layers().named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"lora.target_modules {lora.target_modules} match no linear layer of the decoder "
+                        f"blocks (they have: {', '.join(linear)})")
+    inject_adapter_in_model(PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                           target_modules=targets), backend.decoder())
+    params = lora_parameters(backend)
+    for p in params.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def lora_parameters(backend) -> dict[str, torch.nn.Parameter]:
+    out = {}
+    for name, p in backend.decoder().named_parameters():
+        m = _LORA_PARAM.fullmatch(name)
+        if m:
+            out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = p
+    return out
+
+
+def _tuner_layers(backend) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in backend.decoder().modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(backend) -> Iterator[None]:
+    """The base model without its LoRA (β > 0's reference policy): toggled in place, no second copy.
+    peft's toggle also flips `requires_grad`, so use it only around no-grad forwards."""
+    layers = _tuner_layers(backend)
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def merge_lora(backend) -> None:
+    """Fold the LoRA into the linear weights and restore the plain modules: the model then saves,
+    loads and runs like any checkpoint of its architecture (`tars eval --model out/model`)."""
+    dec = backend.decoder()
+    tuners = {id(m) for m in _tuner_layers(backend)}
+    for name, module in [(n, m) for n, m in dec.named_modules() if id(m) in tuners]:
+        module.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(dec.get_submodule(parent) if parent else dec, child, module.get_base_layer())
+    dec.__dict__.pop("peft_config", None)
+
+
+def save_adapter(backend, folder: Path, cfg: TarsConfig, steps: int) -> None:
+    """The LoRA weights (safetensors, decoder-relative names) and a small json naming the base model."""
+    from safetensors.torch import save_file
+
+    params = lora_parameters(backend)
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in params})
+    meta = {"format": "tars-lora", "base_model": cfg.model, "base_model_path": str(resolve(cfg.model).resolve()),
+            "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "target_modules": targets,
+            "method": cfg.method, "steps": steps}
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The base model named by `folder`'s json with the trained LoRA attached (unmerged)."""
+    from safetensors.torch import load_file
+
+    from tars.models.loading import load_backend
+
+    folder = Path(folder)
+    meta_file = folder / ADAPTER_CONFIG
+    if not meta_file.exists():
+        raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected the `adapter` folder of a tars RL run)")
+    meta = json.loads(meta_file.read_text())
+    base = Path(meta["base_model_path"])
+    backend = load_backend(base if base.exists() else meta["base_model"], device=device, dtype=dtype)
+    lora = LoraSettings(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"])
+    params = add_lora(backend, lora, meta["target_modules"])
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    if set(state) != set(params):
+        raise UserError(f"{folder}: adapter weights do not match the base model's layers")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+    return backend.eval()
+
+
+# ---- rewards and advantages of a step, as pure functions ---------------------------------------------
+def compose_rewards(speech_base: Tensor, text_base: Tensor, rep: Tensor, beh: Tensor, w_rep: float = 1.0,
+                    w_beh: float = 1.0, text_alignment: str = "speech_mean") -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 3-4: the final rewards of one or more questions' rollouts, rows = questions.
+
+    `speech_base` [Q, G_s], `text_base` [Q, G_t]: R_base; `rep`, `beh` [Q, G_s]: R_rep, R_beh (zeros
+    where the method has no such term or no text rollout was correct). Speech: `R_base + w_rep·R_rep +
+    w_beh·R_beh`. Text: `R_base` + the per-question constant `text_alignment_reward` gives (0 for
+    `none`), which cancels in its own group's advantage. Returns (speech [Q, G_s], text [Q, G_t],
+    the text constant [Q]).
+    """
+    align = w_rep * rep + w_beh * beh
+    terms = [text_alignment_reward(row.tolist(), text_alignment) for row in align]
+    term = torch.tensor([0.0 if t is None else t for t in terms], dtype=text_base.dtype, device=text_base.device)
+    return speech_base + align, text_base + term[:, None], term
+
+
+def modality_advantages(speech_reward: Tensor, text_reward: Tensor, scale_std: bool = False,
+                        joint: bool = False) -> tuple[Tensor, Tensor]:
+    """Step 5 on [Q, G_s] / [Q, G_t] rewards: the groups are (question, modality), or the question
+    alone with `joint`. Returns advantages of the same shapes."""
+    Q, Gs = speech_reward.shape
+    Gt = text_reward.shape[1]
+    q = torch.arange(Q, device=speech_reward.device)
+    adv = group_advantages(
+        torch.cat([speech_reward.flatten(), text_reward.flatten()]),
+        torch.cat([q.repeat_interleave(Gs), q.repeat_interleave(Gt)]),
+        torch.cat([torch.full((Q * Gs,), SPEECH, device=q.device), torch.full((Q * Gt,), TEXT, device=q.device)]),
+        scale_std=scale_std, joint=joint,
+    )
+    return adv[: Q * Gs].view(Q, Gs), adv[Q * Gs :].view(Q, Gt)
+
+
+def _token_mask(token_ids: Sequence[Sequence[int]], width: int) -> Tensor:
+    lengths = torch.tensor([len(t) for t in token_ids])
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+@dataclass
+class StepRecord:
+    """What one step computed, [Q, G] per modality: kept for inspection (tests, debugging)."""
+
+    speech_texts: list[str]
+    text_texts: list[str]
+    speech_base: Tensor
+    text_base: Tensor
+    rep: Tensor
+    beh: Tensor
+    speech_reward: Tensor
+    text_reward: Tensor
+    text_term: Tensor
+    speech_adv: Tensor
+    text_adv: Tensor
+
+
+class _Clock:
+    """Wall time per phase of a step (CUDA work is waited for, so the split is honest)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - t0
+
+
+def _seed(seed: int, step: int, stream: str) -> int:
+    """A 63-bit seed per (run seed, step, random stream): streams never share a sequence."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()[:8], "little") >> 1
+
+
+def _load_policy_model(cfg: TarsConfig):
+    from tars.models.backend import default_device
+    from tars.models.loading import load_backend
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    return load_backend(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+class TarsTrainer:
+    """The policy (a backend with LoRA), its optimizer and schedule, and `step`, one TARS update.
+
+    `backend` / `embedder`: already loaded ones to use instead of loading `cfg.model` / `cfg.embedder`
+    (the backend gets its LoRA injected in place). `total_steps` shapes the learning-rate schedule.
+    """
+
+    def __init__(self, cfg: TarsConfig, total_steps: int, backend=None, embedder: SentenceEmbedder | None = None):
+        self.cfg = cfg
+        self.backend = backend = backend if backend is not None else _load_policy_model(cfg)
+        # LoRA's A matrices start random: seeded, so that a run is a function of its config.
+        torch.manual_seed(_seed(cfg.seed, -1, "lora"))
+        self.lora = add_lora(backend, cfg.lora)
+        self.params = list(self.lora.values())
+        try:
+            self.layers = select_layers(cfg.layers, len(backend.decoder_layers())) if cfg.method in USES_REP else []
+        except ValueError as e:
+            raise UserError(f"config: layers: {e}") from None
+        self.embedder = None
+        if cfg.method in USES_BEH:
+            self.embedder = embedder or SentenceEmbedder(cfg.embedder, device=backend.device)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, math.ceil(cfg.warmup_frac * total_steps))
+
+        def factor(s: int) -> float:
+            if s < warmup:
+                return (s + 1) / warmup
+            left = max(0.0, 1 - (s - warmup) / max(1, total_steps - warmup))
+            return {"constant": 1.0, "linear": left, "cosine": 0.5 * (1 - math.cos(math.pi * left))}[cfg.schedule]
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.sampler = torch.Generator(device=backend.device)
+        self.reference_rng = random.Random()
+        self.last: StepRecord | None = None
+
+    def _micro_batches(self, n_questions: int) -> list[list[int]]:
+        size = self.cfg.micro_batch_questions or n_questions
+        return [list(range(i, min(i + size, n_questions))) for i in range(0, n_questions, size)]
+
+    def _base_rewards(self, texts: list[str], batch: Sequence[Record], G: int) -> tuple[Tensor, Tensor, Tensor]:
+        """R_acc, R_fmt and R_base = R_acc + λ·R_fmt, [Q, G] (rows prompt-major, as generated)."""
+        options = [r.options for r in batch for _ in range(G)]
+        answers = [r.answer for r in batch for _ in range(G)]
+        acc = accuracy_reward(texts, options, answers)
+        fmt = [format_score(t) for t in texts]
+        base = base_reward(texts, options, answers, self.cfg.format_weight)
+        return tuple(torch.tensor(x, dtype=torch.float32).view(len(batch), G) for x in (acc, fmt, base))
+
+    def step(self, batch: Sequence[Record], base_dir: Path | None, step: int) -> dict[str, float]:
+        """One TARS update on the questions `batch` (their audio under `base_dir`); returns its metrics."""
+        cfg, be = self.cfg, self.backend
+        Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
+        self.sampler.manual_seed(_seed(cfg.seed, step, "sample"))
+        self.reference_rng.seed(_seed(cfg.seed, step, "reference"))
+        torch.manual_seed(_seed(cfg.seed, step, "dropout"))
+        clock, t_step = _Clock(be.device), time.perf_counter()
+        lr = self.sched.get_last_lr()[0]
+
+        # 1. Paired rollouts: G_s completions from the speech prompt (the audio carries question and
+        #    options), G_t from the text prompt, sampled by the current policy (no dropout, no grad).
+        be.eval()
+        with clock("generate"), torch.no_grad():
+            prompts = {"speech": be.build_inputs(batch, "speech", base_dir=base_dir),
+                       "text": be.build_inputs(batch, "text")}
+            speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens, self.sampler)
+            text = be.generate(prompts["text"], Gt, cfg.temperature, cfg.top_p, cfg.max_new_tokens, self.sampler)
+
+        # 2. R_base = R_acc + λ·R_fmt for every rollout, speech and text alike.
+        with clock("rewards"):
+            acc_s, fmt_s, base_s = self._base_rewards(speech.texts, batch, Gs)
+            acc_t, fmt_t, base_t = self._base_rewards(text.texts, batch, Gt)
+            # R_beh's sentence embeddings: one call over every completion of the step, only if used.
+            emb_s = emb_t = None
+            if self.embedder is not None:
+                emb = self.embedder.embed_completions(speech.texts + text.texts).float().cpu()
+                emb_s, emb_t = emb[: Q * Gs].view(Q, Gs, -1), emb[Q * Gs :].view(Q, Gt, -1)
+
+        # Completions that hit the length limit are left out of the loss (step 6). The normaliser
+        # counts the WHOLE batch, so the micro-batch losses add up to the batch loss.
+        keep_s = ~torch.tensor(speech.truncated, device=be.device)
+        keep_t = ~torch.tensor(text.truncated, device=be.device)
+        width = max(len(t) for t in speech.token_ids + text.token_ids)
+        normalizer = loss_normalizer(_token_mask(speech.token_ids + text.token_ids, width),
+                                     torch.cat([keep_s, keep_t]).cpu(), cfg.loss_type)
+        text_prompt = prompts["text"] if cfg.text_scored_under == "text" else prompts["speech"]
+
+        rep, beh = torch.zeros(Q, Gs), torch.zeros(Q, Gs)
+        reward_s, reward_t, term_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt), torch.zeros(Q)
+        adv_s, adv_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt)
+        no_reference = (acc_t.sum(1) == 0).float()
+        loss_total, clipped, kl, kept_tokens = 0.0, 0.0, 0.0, 0.0
+        for qs in self._micro_batches(Q):
+            rows_s = [q * Gs + g for q in qs for g in range(Gs)]
+            rows_t = [q * Gt + g for q in qs for g in range(Gt)]
+            comp_s, comp_t = [speech.token_ids[r] for r in rows_s], [text.token_ids[r] for r in rows_t]
+            local_s = [j for j in range(len(qs)) for _ in range(Gs)]
+            local_t = [j for j in range(len(qs)) for _ in range(Gt)]
+            prompt_s, prompt_t = prompts["speech"].select(qs), text_prompt.select(qs)
+
+            # β > 0: the reference policy's log-probs (the model with its LoRA off), computed before
+            # the policy's forwards so the toggle never touches a live graph.
+            ref_s = ref_t = None
+            if cfg.beta > 0:
+                with clock("score"), adapters_disabled(be):
+                    ref_s = be.score(prompt_s, comp_s, local_s).logprobs
+                    ref_t = be.score(prompt_t, comp_t, local_t).logprobs
+
+            # 3. (forward) ONE grad-enabled forward per modality gives the completion tokens'
+            #    log-probs for the loss AND, from the same forward, the chosen layers' hidden states
+            #    pooled over each completion for R_rep (no layers asked when the method has no R_rep).
+            be.train()
+            with clock("score"):
+                s = be.score(prompt_s, comp_s, local_s, self.layers, grad=True)
+                t = be.score(prompt_t, comp_t, local_t, self.layers, grad=True)
+            be.eval()
+
+            # 3. Alignment rewards, speech rollouts only: each is compared with a CORRECT text rollout
+            #    of its question (random or round-robin); none correct → R_rep = R_beh = 0.
+            with clock("rewards"):
+                if self.layers or self.embedder is not None:
+                    for j, q in enumerate(qs):
+                        pooled = {}
+                        if self.layers:
+                            pooled = dict(speech_pooled=s.pooled[cfg.pooling][j * Gs : (j + 1) * Gs],
+                                          text_pooled=t.pooled[cfg.pooling][j * Gt : (j + 1) * Gt])
+                        if self.embedder is not None:
+                            pooled.update(speech_emb=emb_s[q], text_emb=emb_t[q])
+                        got = alignment_rewards((acc_t[q] == 1).tolist(), mode=cfg.reference,
+                                                rng=self.reference_rng, **pooled)
+                        rep[q], beh[q] = got.rep.cpu(), got.beh.cpu()
+                # Speech: R_base + w_rep·R_rep + w_beh·R_beh.
+                # 4. Text: R_base + a per-question constant (the speech mean alignment, 0, or nothing),
+                #    which cancels in its group: text is a moving reference, never pulled towards speech.
+                r_s, r_t, term = compose_rewards(base_s[qs], base_t[qs], rep[qs], beh[qs], cfg.w_rep, cfg.w_beh,
+                                                 cfg.text_alignment)
+                # 5. A = r − mean(r of the same question and modality), no std division by default.
+                a_s, a_t = modality_advantages(r_s, r_t, cfg.advantage_std, cfg.joint_groups)
+                reward_s[qs], reward_t[qs], term_t[qs], adv_s[qs], adv_t[qs] = r_s, r_t, term, a_s, a_t
+
+            # 6. DAPO token-level clipped surrogate, ε_low/ε_high, truncated completions masked out;
+            #    old log-probs = the current ones detached (one update per batch: ratio 1).
+            with clock("update"):
+                loss = 0.0
+                for sc, adv, keep, ref in ((s, a_s, keep_s[rows_s], ref_s), (t, a_t, keep_t[rows_t], ref_t)):
+                    part, stats = clipped_surrogate(
+                        sc.logprobs, sc.logprobs.detach(), adv.flatten().to(sc.logprobs.device), sc.mask,
+                        cfg.eps_low, cfg.eps_high, loss_type=cfg.loss_type, keep=keep,
+                        max_completion_length=cfg.max_new_tokens, ref_logprobs=ref, beta=cfg.beta,
+                        normalizer=normalizer)
+                    loss = loss + part
+                    n_tok = float((sc.mask & keep[:, None]).sum())
+                    kept_tokens += n_tok
+                    clipped += float(stats["clip_fraction"]) * n_tok
+                    kl += float(stats.get("kl", 0.0)) * n_tok
+                loss.backward()
+                loss_total += float(loss.detach())
+
+        with clock("update"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+
+        self.last = StepRecord(speech.texts, text.texts, base_s, base_t, rep, beh, reward_s, reward_t, term_t,
+                               adv_s, adv_t)
+        len_s = [len(x) for x in speech.token_ids]
+        len_t = [len(x) for x in text.token_ids]
+        row = {
+            "loss": loss_total, "grad_norm": grad_norm, "lr": lr,
+            "speech/reward": reward_s.mean().item(), "speech/base": base_s.mean().item(),
+            "speech/acc": acc_s.mean().item(), "speech/format": fmt_s.mean().item(),
+            "speech/rep": rep.mean().item(), "speech/beh": beh.mean().item(),
+            "text/reward": reward_t.mean().item(), "text/base": base_t.mean().item(),
+            "text/acc": acc_t.mean().item(), "text/format": fmt_t.mean().item(), "text/align": term_t.mean().item(),
+            "gap": acc_t.mean().item() - acc_s.mean().item(),
+            "no_reference": no_reference.mean().item(),
+            "clip_fraction": clipped / max(kept_tokens, 1.0),
+            "speech/length": sum(len_s) / len(len_s), "text/length": sum(len_t) / len(len_t),
+            "truncated": (sum(speech.truncated) + sum(text.truncated)) / (len(len_s) + len(len_t)),
+        }
+        if cfg.beta > 0:
+            row["kl"] = kl / max(kept_tokens, 1.0)
+        for phase in ("generate", "score", "rewards", "update"):
+            row[f"time/{phase}"] = round(clock.seconds[phase], 4)
+        row["time/step"] = round(time.perf_counter() - t_step, 4)
+        return row
+
+    # ---- checkpoint state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": self.sampler.get_state(),
+               "reference": self.reference_rng.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"lora": {k: v.detach().cpu().clone() for k, v in self.lora.items()},
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["lora"]) != set(self.lora):
+            raise UserError("checkpoint LoRA layers differ from this config's (lora.* changed since it was saved?)")
+        with torch.no_grad():
+            for k, p in self.lora.items():
+                p.copy_(state["lora"][k])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.sampler.set_state(rng["sampler"])
+        self.reference_rng.setstate(rng["reference"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def batch_indices(n_records: int, step: int, per_step: int, seed: int) -> tuple[int, list[int]]:
+    """(epoch, the record indices of `step`): a fresh shuffle per (seed, epoch), so resuming at any
+    step sees the same questions; the last batch of an epoch may be smaller."""
+    per_epoch = math.ceil(n_records / per_step)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n_records))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return epoch, order[k * per_step : (k + 1) * per_step]
+
+
+def run(cfg: TarsConfig, progress: bool = True) -> Path:
+    """Train with TARS (or an ablation) and return the merged model folder (`out/model`; the adapter
+    folder `out/adapter` when `save_merged` is off). Resumes from the newest checkpoint in `out`."""
+    from tqdm import tqdm
+
+    out = resolve(cfg.out)
+    result = out / ("model" if cfg.save_merged else "adapter")
+    if (out / "DONE").exists():
+        print(f"{out} is finished (remove {out / 'DONE'} to train again)")
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    records, base_dir = load_data(cfg.data, "speech")
+    backend = _load_policy_model(cfg)
+    # The backends refuse clips over the encoder window (never truncate them): leave those out here
+    # rather than fail at whichever step first draws one.
+    too_long = [r for r in records if (r.duration_s or 0.0) > backend.max_audio_s]
+    if too_long:
+        print(f"{len(too_long)} question(s) left out: audio over the {backend.max_audio_s:g} s encoder window")
+        records = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
+    if not records:
+        raise UserError("config: data: no questions to train on")
+    total = cfg.steps or math.ceil(len(records) / cfg.questions_per_step) * cfg.epochs
+    trainer = TarsTrainer(cfg, total, backend=backend)
+    start = _resume(out, trainer)
+    log = out / "metrics.jsonl"
+    bar = tqdm(total=total, initial=start, desc=cfg.method, unit="step", disable=not progress)
+    for step in range(start, total):
+        epoch, idx = batch_indices(len(records), step, cfg.questions_per_step, cfg.seed)
+        row = {"step": step + 1, "epoch": epoch, **trainer.step([records[i] for i in idx], base_dir, step)}
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(acc_s=f"{row['speech/acc']:.2f}", acc_t=f"{row['text/acc']:.2f}",
+                        rep=f"{row['speech/rep']:.2f}")
+        bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            _save_checkpoint(out, step + 1, trainer, cfg.keep_last)
+    bar.close()
+    backend.eval()
+    save_adapter(backend, out / "adapter", cfg, total)
+    if cfg.save_merged:
+        merge_lora(backend)
+        backend.save_pretrained(out / "model")
+    # DONE before the checkpoints go: a kill in between must not restart the run from step 0.
+    atomic_write_text(out / "DONE", f"{total} steps\n")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return result
+
+
+def _save_checkpoint(out: Path, step: int, trainer: TarsTrainer, keep_last: int) -> None:
+    buf = io.BytesIO()
+    torch.save({"step": step, **trainer.state_dict()}, buf)
+    folder = out / "checkpoints"
+    atomic_write_bytes(folder / f"step-{step:07d}.pt", buf.getvalue())
+    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def _resume(out: Path, trainer: TarsTrainer) -> int:
+    log = out / "metrics.jsonl"
+    for ck in sorted((out / "checkpoints").glob("step-*.pt"), reverse=True):
+        try:
+            state = torch.load(ck, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError):
+            print(f"skipping unreadable checkpoint {ck}")
+            continue
+        trainer.load_state_dict(state)
+        # Rows logged after the checkpoint belong to steps that will run again.
+        if log.exists():
+            rows = [l for l in log.read_text().splitlines() if _step_of(l) <= state["step"]]
+            atomic_write_text(log, "".join(r + "\n" for r in rows))
+        print(f"resuming {out} from step {state['step']}")
+        return int(state["step"])
+    log.unlink(missing_ok=True)
+    return 0
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -1,0 +1,320 @@
+"""The TARS trainer (DESIGN §2) on a tiny random Qwen2-Audio: a run end to end, what each method asks of
+the model, one forward for log-probs and hidden states, the asymmetry, micro-batching, KL, resume."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import needs_espeak
+from tars.config import validate
+from tars.data.sources import load_data
+from tars.errors import UserError
+from tars.models.backend import Backend, Generation
+from tars.rl import tars as tars_mod
+from tars.rl.tars import (TarsConfig, TarsTrainer, compose_rewards, load_adapter, modality_advantages, run)
+from tiny_models import tiny_qwen2_audio
+
+DATA = {"families": ["facts", "comparison"], "n": 4, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_qwen2_audio(tmp_path_factory.mktemp("m") / "model", window_s=20.0)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from tars.rewards.alignment import SentenceEmbedder
+
+    return SentenceEmbedder()
+
+
+def cfg(tiny, out, **kw):
+    base = dict(model=str(tiny), out=str(out), data=DATA, steps=3, questions_per_step=2, speech_rollouts=2,
+                text_rollouts=2, max_new_tokens=6, lr=1e-2, warmup_frac=0.0, save_every=1, seed=3)
+    base.update(kw)
+    return validate(TarsConfig, base)
+
+
+@pytest.fixture
+def lively(monkeypatch, embedder):
+    """A random tiny model never stops within 6 tokens (every rollout truncated, no loss) nor answers
+    right (every reward 0, no advantage). Cut each rollout at a token-determined place and pay a
+    text-determined accuracy, so that the losses, references and alignment rewards all have
+    something to work on; both are deterministic functions of the sampled tokens."""
+    real = Backend.generate
+
+    def generate(self, *a, **k):
+        g = real(self, *a, **k)
+        stop = self.stop_token_ids[0]
+        ids = []
+        for row in g.token_ids:
+            cut = next((i for i, t in enumerate(row) if i >= 1 and t % 3 == 0), None)
+            ids.append(row if cut is None else row[:cut] + [stop])
+        return Generation(ids, [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids],
+                          [len(r) > 0 and r[-1] != stop for r in ids], g.prompt_index)
+
+    def acc(texts, options, answers):
+        return [float(sum(t.encode()) % 2) for t in texts]
+
+    def base(texts, options, answers, format_weight=0.5):
+        return [a + format_weight * tars_mod.format_score(t) for a, t in zip(acc(texts, options, answers), texts)]
+
+    monkeypatch.setattr(Backend, "generate", generate)
+    monkeypatch.setattr(tars_mod, "accuracy_reward", acc)
+    monkeypatch.setattr(tars_mod, "base_reward", base)
+    # One sentence embedder for the whole file: loading it is most of a tiny run's time.
+    monkeypatch.setattr(tars_mod, "SentenceEmbedder", lambda *a, **k: embedder)
+
+
+def trainer(tiny, tmp_path, **kw):
+    c = cfg(tiny, tmp_path / "run", **kw)
+    records, base_dir = load_data(c.data, "speech")
+    return TarsTrainer(c, c.steps), records[: c.questions_per_step], base_dir
+
+
+def lora_of(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+KEYS = {"step", "epoch", "loss", "grad_norm", "lr", "speech/reward", "speech/base", "speech/acc", "speech/format",
+        "speech/rep", "speech/beh", "text/reward", "text/base", "text/acc", "text/format", "text/align", "gap",
+        "no_reference", "clip_fraction", "speech/length", "text/length", "truncated", "time/generate",
+        "time/score", "time/rewards", "time/update", "time/step"}
+
+
+@needs_espeak
+def test_tars_run_trains_the_lora_only_and_saves_adapter_and_merged_model(tiny, tmp_path, lively):
+    from safetensors.torch import load_file
+
+    out = run(cfg(tiny, tmp_path / "run"), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(set(r) == KEYS for r in rows)
+    assert all(torch.isfinite(torch.tensor([v for v in r.values()])).all() for r in rows)
+    assert any(r["speech/rep"] != 0 for r in rows) and any(r["speech/beh"] != 0 for r in rows)
+    assert (tmp_path / "run" / "DONE").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+    adapter = lora_of(tmp_path / "run" / "adapter")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+    meta = json.loads((tmp_path / "run" / "adapter" / "tars_adapter.json").read_text())
+    assert meta["base_model"] == str(tiny) and meta["r"] == 8
+    # The merged model is the base model plus (α/r)·B·A on the adapted layers, and nothing else moved:
+    # the encoder, projector, embeddings, norms and LM head are exactly as they were.
+    before, after = load_file(str(tiny / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(before) == set(after)
+    # (checkpoint keys of the LLM are `language_model.model.<decoder-relative name>`)
+    adapted = {f"language_model.model.{k.rsplit('.lora_', 1)[0]}.weight" for k in adapter}
+    assert len(adapted) == 4 * 7
+    for k in before:
+        if k in adapted:
+            name = k[len("language_model.model."):-len(".weight")]
+            delta = (32 / 8) * adapter[f"{name}.lora_B.weight"] @ adapter[f"{name}.lora_A.weight"]
+            torch.testing.assert_close(after[k], before[k] + delta, atol=1e-6, rtol=1e-5)
+        else:
+            assert torch.equal(before[k], after[k]), k
+    # The adapter re-attached to the base model scores like the merged model.
+    from tars.models.loading import load_backend
+
+    records, base_dir = load_data(cfg(tiny, tmp_path).data, "speech")
+    ids = [[5, 9, 14, 2]]
+    a, m = load_adapter(tmp_path / "run" / "adapter"), load_backend(out)
+    la = a.score(a.build_inputs(records[:1], "speech", base_dir), ids, [0]).logprobs
+    lm = m.score(m.build_inputs(records[:1], "speech", base_dir), ids, [0]).logprobs
+    torch.testing.assert_close(la, lm, atol=1e-5, rtol=0)
+
+
+def spy_scores(backend, monkeypatch):
+    calls = []
+    real = backend.score
+
+    def score(inputs, completions, prompt_index, layers=None, grad=False):
+        calls.append({"layers": list(layers or []), "grad": grad, "modality": inputs.modality})
+        return real(inputs, completions, prompt_index, layers, grad)
+
+    monkeypatch.setattr(backend, "score", score)
+    return calls
+
+
+@needs_espeak
+def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path, lively, monkeypatch):
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo")
+    assert tr.embedder is None
+    calls = spy_scores(tr.backend, monkeypatch)
+    row = tr.step(batch, base_dir, 0)
+    assert [c["layers"] for c in calls] == [[], []] and all(c["grad"] for c in calls)
+    rec = tr.last
+    assert torch.equal(rec.speech_reward, rec.speech_base) and not rec.rep.any() and not rec.beh.any()
+    assert row["speech/reward"] == row["speech/base"] and row["speech/rep"] == row["speech/beh"] == 0
+
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2")
+    calls = spy_scores(tr.backend, monkeypatch)
+    tr.step(batch, base_dir, 0)
+    assert [(c["layers"], c["modality"]) for c in calls] == [([3, 4], "speech"), ([3, 4], "text")]
+    rec = tr.last
+    assert rec.rep.any() and rec.beh.any()  # some text rollout was right, so references existed
+    torch.testing.assert_close(rec.speech_reward, rec.speech_base + rec.rep + rec.beh)
+    # The single-term ablations ask for exactly their own term's inputs.
+    for method, layers, embeds in (("grpo_rep", [1, 2, 3, 4], False), ("grpo_beh", [], True)):
+        tr, _, _ = trainer(tiny, tmp_path, method=method)
+        assert tr.layers == layers and (tr.embedder is not None) == embeds
+
+
+@needs_espeak
+@pytest.mark.parametrize("scored_under", ["text", "speech"])
+def test_hidden_states_come_from_the_log_prob_forward(tiny, tmp_path, lively, monkeypatch, scored_under):
+    """Per step the decoder runs once per generated token (prefill + decode steps) and once per
+    `score`: asking for hidden states (tars) adds no pass over grpo, which asks for none."""
+    counts = {}
+    for method in ("grpo", "tars"):
+        tr, batch, base_dir = trainer(tiny, tmp_path / method, method=method, text_scored_under=scored_under)
+        be = tr.backend
+        forwards, gens = [], []
+        be.decoder().register_forward_pre_hook(lambda *_: forwards.append(1))
+        real_generate = be.generate
+
+        def generate(*a, **k):
+            # the decoder calls of one generate: the longest row's sampled tokens (its last token is
+            # sampled from the previous pass, so prefill + (longest - 1) decode steps)
+            before = len(forwards)
+            g = real_generate(*a, **k)
+            gens.append(len(forwards) - before)
+            return g
+
+        monkeypatch.setattr(be, "generate", generate)
+        calls = spy_scores(be, monkeypatch)
+        tr.step(batch, base_dir, 0)
+        # a random model never stops within 6 tokens: prefill + 5 decode steps per generate
+        assert gens == [6, 6]
+        assert len(calls) == 2
+        assert [c["modality"] for c in calls] == ["speech", scored_under]
+        counts[method] = len(forwards)
+    assert counts["tars"] == counts["grpo"] == 6 + 6 + 2  # two generates, one score per modality
+
+
+def test_text_alignment_constant_cancels_in_text_advantages():
+    g = torch.Generator().manual_seed(0)
+    Q, Gs, Gt = 3, 4, 4
+    sb, tb = torch.rand(Q, Gs, generator=g), torch.rand(Q, Gt, generator=g)
+    rep, beh = torch.rand(Q, Gs, generator=g), torch.rand(Q, Gs, generator=g)
+    out = {m: compose_rewards(sb, tb, rep, beh, 1.0, 0.5, m) for m in ("speech_mean", "zero", "none")}
+    torch.testing.assert_close(out["speech_mean"][2], (rep + 0.5 * beh).mean(1))
+    assert not out["zero"][2].any() and torch.equal(out["zero"][1], out["none"][1])
+    torch.testing.assert_close(out["speech_mean"][1], tb + out["speech_mean"][2][:, None])
+    torch.testing.assert_close(out["speech_mean"][0], sb + rep + 0.5 * beh)
+    adv = {m: modality_advantages(s, t) for m, (s, t, _) in out.items()}
+    for std in (False, True):
+        a, b = modality_advantages(*out["speech_mean"][:2], std), modality_advantages(*out["zero"][:2], std)
+        torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)  # text: the constant cancels
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)  # speech: untouched
+    torch.testing.assert_close(adv["speech_mean"][1].sum(1), torch.zeros(Q), atol=1e-6, rtol=0)
+    # Where the two modalities share a group (joint), the constant is what keeps them comparable.
+    j1, j2 = modality_advantages(*out["speech_mean"][:2], joint=True), modality_advantages(*out["zero"][:2], joint=True)
+    assert not torch.allclose(j1[1], j2[1])
+
+
+@needs_espeak
+def test_text_alignment_modes_give_the_same_text_advantages_in_a_step(tiny, tmp_path, lively):
+    got = {}
+    for mode in ("speech_mean", "zero"):
+        tr, batch, base_dir = trainer(tiny, tmp_path / mode, text_alignment=mode)
+        tr.step(batch, base_dir, 0)
+        got[mode] = tr.last
+    a, b = got["speech_mean"], got["zero"]
+    assert a.text_texts == b.text_texts and a.text_term.any() and not b.text_term.any()
+    torch.testing.assert_close(a.text_adv, b.text_adv, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.speech_adv, b.speech_adv, atol=0, rtol=0)
+
+
+def test_prompt_batch_select_trims_padding_and_scores_the_same(tiny):
+    from tars.data.schema import Record
+    from tars.models.loading import load_backend
+
+    be = load_backend(tiny)
+    recs = [Record(id="a", question="What is 2 plus 2 plus 2 plus 2?", options=["3", "8"], answer="B"),
+            Record(id="b", question="Two?", options=["1", "2"], answer="B")]
+    full = be.build_inputs(recs, "text")
+    one = full.select([1])
+    assert one.record_ids == ["b"] and one.attention_mask.all() and one.embeds.shape[1] == full.lengths[1]
+    ids = [[5, 9, 14, 2], [7, 8, 3]]
+    a = be.score(full, ids, [0, 1]).logprobs[1]
+    b = be.score(one, ids[1:], [0]).logprobs[0]
+    torch.testing.assert_close(a[:3], b, atol=1e-5, rtol=0)
+
+
+@needs_espeak
+def test_micro_batches_add_up_to_the_whole_batch_update(tiny, tmp_path, lively):
+    lora = {}
+    for mb in (None, 1):
+        tr, batch, base_dir = trainer(tiny, tmp_path / str(mb), micro_batch_questions=mb,
+                                      lora={"dropout": 0.0}, loss_type="grpo")
+        row = tr.step(batch, base_dir, 0)
+        assert row["loss"] != 0
+        lora[mb] = ({k: v.detach().clone() for k, v in tr.lora.items()}, row["loss"], row["grad_norm"])
+    (a, la, ga), (b, lb, gb) = lora[None], lora[1]
+    assert la == pytest.approx(lb, abs=1e-6) and ga == pytest.approx(gb, rel=1e-5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@needs_espeak
+def test_kl_to_the_lora_free_model(tiny, tmp_path, lively):
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo", beta=0.1, lora={"dropout": 0.0})
+    first = tr.step(batch, base_dir, 0)
+    second = tr.step(batch, base_dir, 1)
+    assert first["kl"] == 0.0  # B = 0 at the start: the policy IS the reference
+    assert second["kl"] > 0
+    assert all(p.requires_grad for p in tr.params)  # the adapter toggle left them trainable
+
+
+@needs_espeak
+def test_killed_run_resumes_to_the_same_result(tiny, tmp_path, lively, monkeypatch, capsys):
+    run(cfg(tiny, tmp_path / "a", keep_last=1), progress=False)
+
+    real = tars_mod._save_checkpoint
+    calls = {"n": 0}
+
+    def checkpoint_then_die(out, step, *a, **k):
+        real(out, step, *a, **k)
+        calls["n"] += 1
+        if step == 2:
+            raise KeyboardInterrupt  # stands in for a SIGKILL right after the step-2 checkpoint
+
+    monkeypatch.setattr(tars_mod, "_save_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tiny, tmp_path / "b", keep_last=1), progress=False)
+    assert calls["n"] == 2
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").iterdir()] == ["step-0000002.pt"]  # keep_last
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a line cut short by the kill
+    monkeypatch.setattr(tars_mod, "_save_checkpoint", real)
+    capsys.readouterr()
+    run(cfg(tiny, tmp_path / "b", keep_last=1), progress=False)
+    assert "from step 2" in capsys.readouterr().out  # resumed, not restarted (which would agree too)
+
+    a, b = lora_of(tmp_path / "a" / "adapter"), lora_of(tmp_path / "b" / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    ra = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for k in x:
+            if not k.startswith("time/"):
+                assert x[k] == pytest.approx(y[k], abs=1e-5), k
+    assert any(r["loss"] != 0 for r in ra)
+
+
+def test_bad_config_names_the_key(tiny, tmp_path):
+    with pytest.raises(UserError, match="learning_rate: unknown key"):
+        cfg(tiny, tmp_path, learning_rate=1e-5)
+    with pytest.raises(UserError, match="lora.rank: unknown key"):
+        cfg(tiny, tmp_path, lora={"rank": 4})
+    with pytest.raises(UserError, match="method"):
+        cfg(tiny, tmp_path, method="ppo")
+    with pytest.raises(UserError, match="layers"):
+        cfg(tiny, tmp_path, layers="deepest")
+    assert cfg(tiny, tmp_path, layers="1,3").layers == "1,3"
