@@ -246,6 +246,25 @@ def mini_align(
     _stage(config, list(ctx.args))
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help=CONFIG_HELP + " e.g. configs/mini.yaml"),
+) -> None:
+    """RL with paired speech/text rollouts: TARS, or its ablations (method=grpo|grpo_rep|grpo_beh).
+
+    Extra arguments are key=value overrides (method=grpo layers=deep w_beh=0.5 ...). Writes the resolved
+    config, metrics.jsonl, checkpoints, the LoRA adapter and a merged model to `out`; resumes after a
+    kill from its newest checkpoint.
+    """
+    from tars.config import load_config
+    from tars.rl.tars import TarsConfig, run
+
+    cfg = load_config(TarsConfig, config, list(ctx.args))
+    path = run(cfg)
+    typer.echo(f"done: {path}")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Model folder, or mini:NAME for $TARS_HOME/mini/NAME."),
