@@ -17,6 +17,25 @@ def test_build_train_align_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     again = run_cli("mini", "build")
     assert "mini model ready" in again.stdout  # cached: no reconversion
+    # The assembled encoder is Whisper tiny.en's (whose own decoder transcribes speech: test_convert.py),
+    # and the LLM is the GGUF's SmolLM2 (logits equal: test_convert.py), weight for weight.
+    import torch
+
+    from tars.models.convert.gguf_llama import load_llama
+    from tars.models.convert.whisper_ct2 import load_whisper
+    from tars.models.loading import load_backend
+
+    mini = load_backend("mini:base")
+    whisper, _ = load_whisper()
+    for k, v in whisper.model.encoder.state_dict().items():
+        assert torch.equal(mini.model.model.audio_tower.state_dict()[k], v), k
+    llm, _ = load_llama()
+    dec = mini.decoder().state_dict()
+    for k, v in llm.model.state_dict().items():
+        if k == "embed_tokens.weight":  # three audio tokens were appended
+            assert torch.equal(dec[k][: v.shape[0]], v)
+        else:
+            assert torch.equal(dec[k], v), k
     r = run_cli("mini", "sft", "--config", "configs/mini_sft.yaml", "max_steps=3", "data.n=24",
                 f"out={tmp_path / 'sft'}")
     assert r.returncode == 0, r.stderr
