@@ -127,9 +127,30 @@ class Backend(nn.Module):
     def embed_tokens(self, ids: Tensor) -> Tensor:
         return self.decoder().get_input_embeddings()(ids)
 
+    #: Per-clip cache of the frozen encoder's outputs (`audio_cache.AudioCache`).
+    cache: object
+
     def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
-        """Frozen encoder output per clip (cached), [frames_i, d_audio]: the projector's input."""
+        """Frozen encoder output per clip, [frames_i, d_audio] (the projector's input), computed by the
+        backend's `_encode` only for clips the cache does not hold."""
+        return self.cache.get_many(list(paths), self._encode)
+
+    def _encode(self, paths: list[Path]) -> list[Tensor]:
         raise NotImplementedError
+
+    def load_clip(self, path: Path):
+        """16 kHz mono samples of a clip, refused (never truncated: a truncated question is a different
+        question) when longer than the encoder window."""
+        from tars.data.audio import SAMPLE_RATE, load_audio
+
+        wav = load_audio(path)
+        dur = len(wav) / SAMPLE_RATE
+        if dur > self.max_audio_s:
+            raise UserError(
+                f"{path}: audio is {dur:.1f} s, longer than the encoder window of {self.max_audio_s:g} s "
+                "(tars refuses rather than truncates: shorten or split the clip)"
+            )
+        return wav
 
     @property
     def projector(self) -> nn.Module:

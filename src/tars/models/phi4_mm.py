@@ -47,12 +47,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from tars.data.audio import SAMPLE_RATE, load_audio
+from tars.data.audio import SAMPLE_RATE
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
 from tars.models.backend import Backend, Generation, PromptBatch, Scores, stop_tokens
@@ -229,10 +229,6 @@ class Phi4MMBackend(Backend):
         out = self.feature_extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return out["audio_input_features"], int(out["audio_embed_sizes"][0])
 
-    def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
-        """Frozen conformer output per clip, [n_embeds, d_audio], through the per-clip cache."""
-        return self.cache.get_many(list(paths), self._encode)
-
     @torch.no_grad()
     def _encode(self, paths: list[Path]) -> list[Tensor]:
         enc = self._audio.encoder
@@ -240,13 +236,7 @@ class Phi4MMBackend(Backend):
         win = int(self.feature_extractor.win_length)
         out = []
         for p in paths:
-            wav = load_audio(p)
-            dur = len(wav) / SAMPLE_RATE
-            if dur > self.max_audio_s:
-                raise UserError(
-                    f"{p}: audio is {dur:.1f} s, longer than the encoder window of {self.max_audio_s:g} s "
-                    "(tars refuses rather than truncates: shorten or split the clip)"
-                )
+            wav = self.load_clip(p)
             if len(wav) < win:
                 raise UserError(f"{p}: audio is {len(wav)} samples, too short for the encoder (at least {win})")
             x, n = self.features(wav)

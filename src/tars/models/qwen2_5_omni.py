@@ -38,12 +38,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from tars.data.audio import SAMPLE_RATE, load_audio
+from tars.data.audio import SAMPLE_RATE
 from tars.data.features import HOP_LENGTH, N_FFT, log_mel
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
@@ -113,22 +112,12 @@ class Qwen25OmniBackend(Backend):
         frames = math.ceil(n_samples / HOP_LENGTH)
         return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
-    def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
-        """Pooled frozen-encoder states per clip, [n_tokens, d_model] (before `ln_post`), cached."""
-        return self.cache.get_many(list(paths), self._encode)
-
     @torch.no_grad()
     def _encode(self, paths: list[Path]) -> list[Tensor]:
         enc = self.model.model.audio_tower
         feats, lengths = [], []
         for p in paths:
-            wav = load_audio(p)
-            dur = len(wav) / SAMPLE_RATE
-            if dur > self.max_audio_s:
-                raise UserError(
-                    f"{p}: audio is {dur:.1f} s, longer than the encoder window of {self.max_audio_s:g} s "
-                    "(tars refuses rather than truncates: shorten or split the clip)"
-                )
+            wav = self.load_clip(p)
             if self.n_audio_tokens(len(wav)) < 1:
                 raise UserError(f"{p}: audio is {len(wav)} samples, too short for the encoder (at least 321)")
             frames = math.ceil(len(wav) / HOP_LENGTH)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
-from tars.data.audio import SAMPLE_RATE, load_audio
+from tars.data.audio import SAMPLE_RATE
 from tars.data.features import log_mel
 from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
@@ -77,22 +76,12 @@ class Qwen2AudioBackend(Backend):
         return text
 
     # ---- audio ----------------------------------------------------------------------------------
-    def encode_audio(self, paths: Sequence[Path]) -> list[Tensor]:
-        """Frozen encoder output per clip, [valid_frames, d_audio], through the per-clip cache."""
-        return self.cache.get_many(list(paths), self._encode)
-
     @torch.no_grad()
     def _encode(self, paths: list[Path]) -> list[Tensor]:
         enc = self.model.model.audio_tower
         feats, lengths = [], []
         for p in paths:
-            wav = load_audio(p)
-            dur = len(wav) / SAMPLE_RATE
-            if dur > self.max_audio_s:
-                raise UserError(
-                    f"{p}: audio is {dur:.1f} s, longer than the encoder window of {self.max_audio_s:g} s "
-                    "(tars refuses rather than truncates: shorten or split the clip)"
-                )
+            wav = self.load_clip(p)
             feats.append(log_mel(wav, n_mels=self.n_mels, pad_to_s=self.max_audio_s))
             lengths.append(min(math.ceil(len(wav) / 160), self.window_frames))
         x = torch.stack(feats).to(device=self.device, dtype=next(enc.parameters()).dtype)
