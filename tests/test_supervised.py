@@ -70,21 +70,21 @@ def test_killed_run_resumes_to_the_same_result(tiny, tmp_path, monkeypatch):
     straight = run(cfg(tiny, tmp_path / "a"), progress=False)
 
     calls = {"n": 0}
-    real = supervised._checkpoint
+    real = supervised.save_checkpoint
 
     def checkpoint_then_die(*a, **k):
         real(*a, **k)
         calls["n"] += 1
         raise KeyboardInterrupt  # stands in for a SIGKILL right after the step-2 checkpoint
 
-    monkeypatch.setattr(supervised, "_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(tiny, tmp_path / "b"), progress=False)
     assert (tmp_path / "b" / "checkpoint.pt").exists() and calls["n"] == 1
     # A line cut short by the kill must not break the resume.
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')
-    monkeypatch.setattr(supervised, "_checkpoint", real)
+    monkeypatch.setattr(supervised, "save_checkpoint", real)
     resumed = run(cfg(tiny, tmp_path / "b"), progress=False)
     a, b = params(straight, "llm"), params(resumed, "llm")
     for k in a:

@@ -246,6 +246,23 @@ def mini_align(
     _stage(config, list(ctx.args))
 
 
+@mini_app.command("ctc", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mini_ctc(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/mini_ctc.yaml"), "--config", help=CONFIG_HELP),
+) -> None:
+    """Stage b (CTC): a fresh CTC-guided projector learns to spell each spoken question in the LLM's tokens.
+
+    Encoder and LLM frozen; trains on cached encoder outputs only. Extra arguments are key=value
+    overrides. Resumes after a kill from its last checkpoint.
+    """
+    from tars.config import load_config
+    from tars.train.ctc import CTCConfig, run
+
+    cfg = load_config(CTCConfig, config, list(ctx.args))
+    typer.echo(f"model saved at {run(cfg)}")
+
+
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_cmd(
     ctx: typer.Context,

@@ -8,7 +8,7 @@ masks the padding as the HF model does, and keeps only the clip's real output fr
 clear message (not silently truncated: a truncated question is a different question).
 
 The projector is the checkpoint's linear `multi_modal_projector`, or — when the model folder holds a
-`tars_projector.json` (the mini model) — a `StackingProjector` that replaces it.
+`tars_projector.json` (the mini model) — a `StackingProjector` or `CTCProjector` that replaces it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
 from tars.models.backend import Backend, stop_tokens
 from tars.models.loading import load_tokenizer, read_config, require_architecture
-from tars.models.projector import StackingProjector
+from tars.models.projector import CTCProjector, StackingProjector
 
 PROJECTOR_FILE = "tars_projector.json"
 PROJECTOR_WEIGHTS = "tars_projector.safetensors"
@@ -118,7 +118,7 @@ class Qwen2AudioBackend(Backend):
         finally:
             hf_logging.set_verbosity(verbosity)
         if ours:
-            model.model.multi_modal_projector = _load_projector(path)
+            model.model.multi_modal_projector = _load_projector(path, model.get_input_embeddings())
         model.to(device=device, dtype=dtype).eval()
         cache = AudioCache(f"enc-{encoder_fingerprint(model.model.audio_tower)}",
                            cache_dir if cache_dir is not None else default_cache_dir())
@@ -131,7 +131,7 @@ class Qwen2AudioBackend(Backend):
         with atomic_dir(Path(path)) as tmp:
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
-            if isinstance(self.projector, StackingProjector):
+            if isinstance(self.projector, (StackingProjector, CTCProjector)):
                 from safetensors.torch import save_file
 
                 (tmp / PROJECTOR_FILE).write_text(json.dumps(self.projector.config(), indent=2))
@@ -158,12 +158,18 @@ def default_cache_dir() -> Path:
     return tars_home() / "cache" / "encoder"
 
 
-def _load_projector(path: Path) -> StackingProjector:
+def _load_projector(path: Path, embedding: nn.Embedding) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     spec = json.loads((path / PROJECTOR_FILE).read_text())
-    proj = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
+    kind = spec.get("type", "stack")
+    if kind == "stack":
+        proj = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
+    elif kind == "ctc":
+        proj = CTCProjector(spec["d_audio"], spec["d_model"], embedding, spec["stack"], spec["d_hidden"])
+    else:
+        raise UserError(f"{path / PROJECTOR_FILE}: unknown projector type {kind!r} (expected 'stack' or 'ctc')")
     weights = path / PROJECTOR_WEIGHTS
     try:
         state = load_file(str(weights))

@@ -17,7 +17,6 @@ atomically every `save_every` steps, and the data order is a function of (seed, 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -27,13 +26,14 @@ from typing import Literal
 
 import torch
 
-from tars.atomic import atomic_write_bytes, atomic_write_text
+from tars.atomic import atomic_write_text
 from tars.config import Config, save_config
 from tars.data.prompts import gold_completion, spoken_text
 from tars.data.schema import Record
 from tars.errors import UserError
 from tars.paths import resolve
 from tars.data.sources import DataConfig, load_data
+from tars.train.checkpoint import resume, save_checkpoint, warmup_cosine
 
 TRANSCRIBE_PROMPT = "Repeat exactly what the user said, word for word."
 
@@ -102,10 +102,8 @@ def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
     steps_per_epoch = math.ceil(len(records) / cfg.batch_size)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    )
-    start = _resume(out, params, opt, sched)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup))
+    start = resume(out, params, opt, sched)
     stop_id = backend.stop_token_ids[0]
     tok = backend.tokenizer
     log = out / "metrics.jsonl"
@@ -147,7 +145,7 @@ def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            _checkpoint(out, step + 1, params, opt, sched)
+            save_checkpoint(out, step + 1, params, opt, sched)
     bar.close()
     backend.eval()
     backend.save_pretrained(out / "model")
@@ -172,39 +170,3 @@ def _trainable(backend, what: str) -> list[torch.nn.Parameter]:
                 params.append(p)
                 seen.add(id(p))
     return params
-
-
-def _checkpoint(out: Path, step: int, params, opt, sched) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, "params": [p.detach().clone() for p in params], "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "rng": torch.get_rng_state()}, buf)
-    atomic_write_bytes(out / "checkpoint.pt", buf.getvalue())
-
-
-def _resume(out: Path, params, opt, sched) -> int:
-    ck = out / "checkpoint.pt"
-    if not ck.exists():
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        return 0
-    state = torch.load(ck, map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for p, v in zip(params, state["params"]):
-            p.copy_(v)
-    opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["rng"])
-    # Metrics logged after the checkpoint belong to steps that will run again.
-    log = out / "metrics.jsonl"
-    if log.exists():
-        rows = [l for l in log.read_text().splitlines() if _step_of(l) <= state["step"]]
-        atomic_write_text(log, "".join(r + "\n" for r in rows))
-    print(f"resuming {out} from step {state['step']}")
-    return int(state["step"])
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
