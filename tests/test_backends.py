@@ -102,6 +102,24 @@ def test_logprobs_match_the_full_models_logits(setup):
     torch.testing.assert_close(got.logprobs[0], want, atol=1e-5, rtol=0)
 
 
+def test_entropy_is_that_of_the_full_next_token_distribution(setup):
+    backend, recs, d = setup
+    comps = completions(backend, len(backend.tokenizer))
+    batch = backend.build_inputs(recs, "text", base_dir=d)
+    got = backend.score(batch, comps, [0, 1, 2], entropy=True)
+    assert backend.score(batch, comps, [0, 1, 2]).entropy is None
+    c = torch.tensor(comps[1])
+    one = backend.build_inputs(recs[1:2], "text", base_dir=d)
+    embeds = torch.cat([one.embeds[0], backend.embed_tokens(c)], 0)[None]
+    with torch.no_grad():
+        p = torch.softmax(backend.lm_head()(backend.decoder()(inputs_embeds=embeds).last_hidden_state).float(), -1)[0]
+    P = one.embeds.shape[1]
+    want = -(p * p.log()).sum(-1)[P - 1 : P - 1 + len(c)]
+    torch.testing.assert_close(got.entropy[1, : len(c)], want, atol=1e-4, rtol=0)
+    assert torch.all(got.entropy[2, len(comps[2]):] == 0)
+    assert float(got.entropy.max()) <= float(torch.log(torch.tensor(float(p.shape[-1])))) + 1e-4
+
+
 @pytest.mark.parametrize("modality", ["text", "speech"])
 def test_greedy_generation_batched_equals_single_and_agrees_with_score(setup, modality):
     backend, recs, d = setup

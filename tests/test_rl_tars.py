@@ -83,7 +83,7 @@ def lora_of(folder):
 KEYS = {"step", "epoch", "loss", "grad_norm", "lr", "speech/reward", "speech/base", "speech/acc", "speech/format",
         "speech/rep", "speech/beh", "text/reward", "text/base", "text/acc", "text/format", "text/align", "gap",
         "no_reference", "clip_fraction", "speech/length", "text/length", "truncated", "time/generate",
-        "time/score", "time/rewards", "time/update", "time/step"}
+        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy"}
 
 
 @needs_espeak
@@ -97,6 +97,9 @@ def test_tars_run_trains_the_lora_only_and_saves_adapter_and_merged_model(tiny, 
     assert all(torch.isfinite(torch.tensor([v for v in r.values()])).all() for r in rows)
     assert any(r["speech/rep"] != 0 for r in rows) and any(r["speech/beh"] != 0 for r in rows)
     assert (tmp_path / "run" / "DONE").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert all(0 < r["speech/entropy"] <= torch.log(torch.tensor(400.0)) for r in rows)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
 
     adapter = lora_of(tmp_path / "run" / "adapter")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
@@ -131,9 +134,10 @@ def spy_scores(backend, monkeypatch):
     calls = []
     real = backend.score
 
-    def score(inputs, completions, prompt_index, layers=None, grad=False):
-        calls.append({"layers": list(layers or []), "grad": grad, "modality": inputs.modality})
-        return real(inputs, completions, prompt_index, layers, grad)
+    def score(inputs, completions, prompt_index, layers=None, grad=False, **kw):
+        calls.append({"layers": list(layers or []), "grad": grad, "modality": inputs.modality,
+                      "completions": [list(c) for c in completions]})
+        return real(inputs, completions, prompt_index, layers, grad, **kw)
 
     monkeypatch.setattr(backend, "score", score)
     return calls
@@ -318,3 +322,22 @@ def test_bad_config_names_the_key(tiny, tmp_path):
     with pytest.raises(UserError, match="layers"):
         cfg(tiny, tmp_path, layers="deepest")
     assert cfg(tiny, tmp_path, layers="1,3").layers == "1,3"
+
+
+@needs_espeak
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_prompt(tiny, tmp_path, lively,
+                                                                                    monkeypatch, method):
+    tr, batch, base_dir = trainer(tiny, tmp_path, method=method, text_rollouts=4, speech_rollouts=4)
+    calls = spy_scores(tr.backend, monkeypatch)
+    before = {k: v.detach().clone() for k, v in tr.lora.items()}
+    row = tr.step(batch, base_dir, 0)
+    assert all(c["modality"] == "speech" for c in calls)
+    grad_calls = [c for c in calls if c["grad"]]
+    assert len(grad_calls) == 1 and [c["grad"] for c in calls] == ([True] if method == "sft" else [False, True])
+    assert row["loss"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
+    assert any(not torch.equal(before[k], v) for k, v in tr.lora.items())
+    assert 0 <= row["no_reference"] < 1
+    if method == "dpo":
+        assert {"dpo/margin", "dpo/pair_accuracy"} <= set(row)
+        assert calls[0]["completions"] == grad_calls[0]["completions"]  # the reference scores the same pairs

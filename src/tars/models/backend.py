@@ -102,6 +102,9 @@ class Scores:
     mask: Tensor  # [N, T] bool, the completion tokens
     layers: list[int]
     pooled: dict[str, Tensor] = field(default_factory=dict)
+    #: [N, T] entropy (nats) of the next-token distribution at each completion token, no grad; only
+    #: when `score(..., entropy=True)`.
+    entropy: Tensor | None = None
 
 
 class Backend(nn.Module):
@@ -301,6 +304,7 @@ class Backend(nn.Module):
         prompt_index: Sequence[int],
         layers: Sequence[int] | None = None,
         grad: bool = False,
+        entropy: bool = False,
     ) -> Scores:
         """One forward over prompt + completion: log-probs of every completion token, and the pooled
         hidden states of `layers` (1-based decoder blocks) over the completion (its final token
@@ -358,9 +362,14 @@ class Backend(nn.Module):
                     h.remove()
             # Completion token t is predicted at position P + t - 1.
             logits = self.lm_head()(hidden[:, P - 1 : P + T - 1]).float()
-            logprobs = torch.log_softmax(logits, -1).gather(-1, comp[..., None]).squeeze(-1)
+            logp_all = torch.log_softmax(logits, -1)
+            logprobs = logp_all.gather(-1, comp[..., None]).squeeze(-1)
             logprobs = logprobs * cmask
         result = Scores(logprobs, cmask, layers)
+        if entropy:
+            with torch.no_grad():  # row by row: one more [T, vocab] tensor at a time, not [N, T, vocab]
+                lp = logp_all.detach()
+                result.entropy = torch.stack([-(lp[r].exp() * lp[r]).sum(-1) for r in range(N)]) * cmask
         if layers:
             result.pooled = {k: torch.stack(v, 1) for k, v in pooled.items()}
         return result

@@ -14,7 +14,8 @@ numbers of DESIGN §2:
 6. the DAPO token-level clipped surrogate (`clipped_surrogate`), LoRA on the LLM only.
 
 The ablations are configuration, not code: `method` = `grpo` (R_base only), `grpo_rep` (+R_rep),
-`grpo_beh` (+R_beh), `tars` (both); plus layer sets, pooling, reference choice, the text alignment term,
+`grpo_beh` (+R_beh), `tars` (both), and the imitation baselines `sft` / `dpo` (same rollouts, a fixed
+target instead of a policy gradient: `_imitation_update`, rl/imitation.py); plus layer sets, pooling, reference choice, the text alignment term,
 std scaling, joint groups and the loss normalisation.
 
 Two choices worth knowing:
@@ -63,14 +64,18 @@ from tars.config import Config, save_config
 from tars.data.schema import Record
 from tars.data.sources import DataConfig, load_data
 from tars.errors import UserError
+from tars.metrics_log import MetricsLog
 from tars.paths import resolve
 from tars.rewards.accuracy import accuracy_reward, base_reward
 from tars.rewards.alignment import SentenceEmbedder, alignment_rewards, select_layers, text_alignment_reward
 from tars.rewards.format import format_score
 from tars.rl.advantages import SPEECH, TEXT, group_advantages
+from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, sft_targets
 from tars.rl.losses import clipped_surrogate, loss_normalizer
 
-Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh"]
+Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh", "sft", "dpo"]
+#: The imitation baselines (`rl/imitation.py`): a fixed target sequence instead of a policy gradient.
+IMITATION = ("sft", "dpo")
 #: Methods whose speech reward has the representation / behaviour alignment term.
 USES_REP = ("tars", "grpo_rep")
 USES_BEH = ("tars", "grpo_beh")
@@ -94,7 +99,8 @@ class LoraSettings(Config):
 class TarsConfig(Config):
     model: str
     out: str
-    #: grpo = R_base only; grpo_rep = + representation alignment; grpo_beh = + behaviour; tars = both.
+    #: grpo = R_base only; grpo_rep = + representation alignment; grpo_beh = + behaviour; tars = both;
+    #: sft = speech prompt → a correct text rollout; dpo = chosen correct text vs rejected wrong speech.
     method: Method = "tars"
     data: DataConfig = DataConfig()
     #: Optimisation steps; None = `epochs` passes over the data (the paper: 3 epochs).
@@ -123,6 +129,8 @@ class TarsConfig(Config):
     eps_low: float = Field(0.2, ge=0)
     eps_high: float = Field(0.28, ge=0)
     beta: float = Field(0.0, ge=0)
+    #: β of the DPO loss (method=dpo): how far the implicit reward may move from the LoRA-free model.
+    dpo_beta: float = Field(0.1, gt=0)
     lr: float = Field(2e-5, gt=0)
     warmup_frac: float = Field(0.01, ge=0, le=1)
     #: After warm-up: `linear` decay to 0 (the Hugging Face Trainer's default), `cosine`, or `constant`.
@@ -139,6 +147,8 @@ class TarsConfig(Config):
     keep_last: int = Field(2, ge=1)
     #: Also save the LoRA merged into the weights as a plain model folder (`out/model`, for `tars eval`).
     save_merged: bool = True
+    #: Also write TensorBoard events to `out/tensorboard` (metrics.jsonl is always written).
+    tensorboard: bool = True
     #: None = $TARS_DEVICE, else cuda when available, else cpu.
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -301,6 +311,10 @@ def modality_advantages(speech_reward: Tensor, text_reward: Tensor, scale_std: b
     return adv[: Q * Gs].view(Q, Gs), adv[Q * Gs :].view(Q, Gt)
 
 
+def _lp_mask(scores) -> tuple[Tensor, Tensor]:
+    return scores.logprobs, scores.mask
+
+
 def _token_mask(token_ids: Sequence[Sequence[int]], width: int) -> Tensor:
     lengths = torch.tensor([len(t) for t in token_ids])
     return torch.arange(width)[None, :] < lengths[:, None]
@@ -432,6 +446,10 @@ class TarsTrainer:
                 emb = self.embedder.embed_completions(speech.texts + text.texts).float().cpu()
                 emb_s, emb_t = emb[: Q * Gs].view(Q, Gs, -1), emb[Q * Gs :].view(Q, Gt, -1)
 
+        if cfg.method in IMITATION:
+            extra = self._imitation_update(batch, prompts, speech, text, acc_s, acc_t, clock)
+            return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
+
         # Completions that hit the length limit are left out of the loss (step 6). The normaliser
         # counts the WHOLE batch, so the micro-batch losses add up to the batch loss.
         keep_s = ~torch.tensor(speech.truncated, device=be.device)
@@ -446,6 +464,7 @@ class TarsTrainer:
         adv_s, adv_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt)
         no_reference = (acc_t.sum(1) == 0).float()
         loss_total, clipped, kl, kept_tokens = 0.0, 0.0, 0.0, 0.0
+        entropy = {"speech": [0.0, 0.0], "text": [0.0, 0.0]}  # Σ entropy, Σ tokens over kept tokens
         for qs in self._micro_batches(Q):
             rows_s = [q * Gs + g for q in qs for g in range(Gs)]
             rows_t = [q * Gt + g for q in qs for g in range(Gt)]
@@ -467,9 +486,13 @@ class TarsTrainer:
             #    pooled over each completion for R_rep (no layers asked when the method has no R_rep).
             be.train()
             with clock("score"):
-                s = be.score(prompt_s, comp_s, local_s, self.layers, grad=True)
-                t = be.score(prompt_t, comp_t, local_t, self.layers, grad=True)
+                s = be.score(prompt_s, comp_s, local_s, self.layers, grad=True, entropy=True)
+                t = be.score(prompt_t, comp_t, local_t, self.layers, grad=True, entropy=True)
             be.eval()
+            for name, sc, keep in (("speech", s, keep_s[rows_s]), ("text", t, keep_t[rows_t])):
+                m = sc.mask & keep[:, None]
+                entropy[name][0] += float((sc.entropy * m).sum())
+                entropy[name][1] += float(m.sum())
 
             # 3. Alignment rewards, speech rollouts only: each is compared with a CORRECT text rollout
             #    of its question (random or round-robin); none correct → R_rep = R_beh = 0.
@@ -520,27 +543,94 @@ class TarsTrainer:
 
         self.last = StepRecord(speech.texts, text.texts, base_s, base_t, rep, beh, reward_s, reward_t, term_t,
                                adv_s, adv_t)
+        extra = {
+            "loss": loss_total, "grad_norm": grad_norm,
+            "speech/reward": reward_s.mean().item(), "speech/rep": rep.mean().item(), "speech/beh": beh.mean().item(),
+            "text/reward": reward_t.mean().item(), "text/align": term_t.mean().item(),
+            "no_reference": no_reference.mean().item(),
+            "clip_fraction": clipped / max(kept_tokens, 1.0),
+            "speech/entropy": entropy["speech"][0] / max(entropy["speech"][1], 1.0),
+            "text/entropy": entropy["text"][0] / max(entropy["text"][1], 1.0),
+        }
+        if cfg.beta > 0:
+            extra["kl"] = kl / max(kept_tokens, 1.0)
+        return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
+
+    def _metrics(self, extra: dict, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr) -> dict:
+        """The step's metrics row: what every method logs, plus `extra` (its own loss terms)."""
         len_s = [len(x) for x in speech.token_ids]
         len_t = [len(x) for x in text.token_ids]
         row = {
-            "loss": loss_total, "grad_norm": grad_norm, "lr": lr,
-            "speech/reward": reward_s.mean().item(), "speech/base": base_s.mean().item(),
-            "speech/acc": acc_s.mean().item(), "speech/format": fmt_s.mean().item(),
-            "speech/rep": rep.mean().item(), "speech/beh": beh.mean().item(),
-            "text/reward": reward_t.mean().item(), "text/base": base_t.mean().item(),
-            "text/acc": acc_t.mean().item(), "text/format": fmt_t.mean().item(), "text/align": term_t.mean().item(),
+            "lr": lr,
+            "speech/base": base_s.mean().item(), "speech/acc": acc_s.mean().item(), "speech/format": fmt_s.mean().item(),
+            "text/base": base_t.mean().item(), "text/acc": acc_t.mean().item(), "text/format": fmt_t.mean().item(),
             "gap": acc_t.mean().item() - acc_s.mean().item(),
-            "no_reference": no_reference.mean().item(),
-            "clip_fraction": clipped / max(kept_tokens, 1.0),
             "speech/length": sum(len_s) / len(len_s), "text/length": sum(len_t) / len(len_t),
             "truncated": (sum(speech.truncated) + sum(text.truncated)) / (len(len_s) + len(len_t)),
+            **extra,
         }
-        if cfg.beta > 0:
-            row["kl"] = kl / max(kept_tokens, 1.0)
         for phase in ("generate", "score", "rewards", "update"):
             row[f"time/{phase}"] = round(clock.seconds[phase], 4)
         row["time/step"] = round(time.perf_counter() - t_step, 4)
         return row
+
+    def _imitation_update(self, batch, prompts, speech, text, acc_s, acc_t, clock) -> dict:
+        """The `sft` / `dpo` update (rl/imitation.py): targets are fixed sequences scored under the
+        SPEECH prompt; questions without a target (no correct text rollout; for DPO also no wrong
+        speech rollout) train nothing this step."""
+        cfg, be = self.cfg, self.backend
+        Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
+        good_t = [[a == 1 and not tr for a, tr in zip(acc_t[q].tolist(), text.truncated[q * Gt:(q + 1) * Gt])]
+                  for q in range(Q)]
+        if cfg.method == "sft":
+            picks = sft_targets(good_t, self.reference_rng)
+            targets = {q: [text.token_ids[q * Gt + i]] for q, i in enumerate(picks) if i is not None}
+            normalizer = float(sum(len(c[0]) for c in targets.values()))
+        else:
+            picks = dpo_pairs(good_t, [[a == 1 for a in acc_s[q].tolist()] for q in range(Q)], self.reference_rng)
+            targets = {q: [text.token_ids[q * Gt + c], speech.token_ids[q * Gs + r]]
+                       for q, pair in enumerate(picks) if pair is not None for c, r in [pair]}
+            normalizer = float(len(targets))
+        loss_total, entropy, n_tok, margins, right = 0.0, 0.0, 0.0, [], []
+        qs_all = sorted(targets)
+        size = cfg.micro_batch_questions or max(1, len(qs_all))
+        for i in range(0, len(qs_all), size):
+            qs = qs_all[i : i + size]
+            comps = [c for q in qs for c in targets[q]]
+            local = [j for j, q in enumerate(qs) for _ in targets[q]]
+            prompt = prompts["speech"].select(qs)
+            ref = None
+            if cfg.method == "dpo":
+                with clock("score"), adapters_disabled(be):
+                    ref = sequence_logprob(*_lp_mask(be.score(prompt, comps, local)))
+            be.train()
+            with clock("score"):
+                sc = be.score(prompt, comps, local, grad=True, entropy=True)
+            be.eval()
+            entropy += float((sc.entropy * sc.mask).sum())
+            n_tok += float(sc.mask.sum())
+            with clock("update"):
+                if cfg.method == "sft":
+                    loss = sft_loss(sc.logprobs, sc.mask, normalizer)
+                else:
+                    seq = sequence_logprob(sc.logprobs, sc.mask)
+                    loss, stats = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], cfg.dpo_beta, normalizer)
+                    margins.append(float(stats["margin"]) * len(qs))
+                    right.append(float(stats["pair_accuracy"]) * len(qs))
+                loss.backward()
+                loss_total += float(loss.detach())
+        with clock("update"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if targets else 0.0
+            if targets:
+                self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        extra = {"loss": loss_total, "grad_norm": grad_norm, "no_reference": 1 - len(targets) / Q,
+                 "speech/entropy": entropy / max(n_tok, 1.0)}
+        if cfg.method == "dpo":
+            extra["dpo/margin"] = sum(margins) / max(len(targets), 1)
+            extra["dpo/pair_accuracy"] = sum(right) / max(len(targets), 1)
+        return extra
 
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -604,19 +694,19 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     total = cfg.steps or math.ceil(len(records) / cfg.questions_per_step) * cfg.epochs
     trainer = TarsTrainer(cfg, total, backend=backend)
     start = _resume(out, trainer)
-    log = out / "metrics.jsonl"
+    log = MetricsLog(out, start, tensorboard=cfg.tensorboard)
     bar = tqdm(total=total, initial=start, desc=cfg.method, unit="step", disable=not progress)
     for step in range(start, total):
         epoch, idx = batch_indices(len(records), step, cfg.questions_per_step, cfg.seed)
         row = {"step": step + 1, "epoch": epoch, **trainer.step([records[i] for i in idx], base_dir, step)}
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        log.write(row)
         bar.set_postfix(acc_s=f"{row['speech/acc']:.2f}", acc_t=f"{row['text/acc']:.2f}",
                         rep=f"{row['speech/rep']:.2f}")
         bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             _save_checkpoint(out, step + 1, trainer, cfg.keep_last)
     bar.close()
+    log.close()
     backend.eval()
     save_adapter(backend, out / "adapter", cfg, total)
     if cfg.save_merged:
