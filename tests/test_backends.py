@@ -187,6 +187,27 @@ def test_sampling_is_reproducible_with_a_generator(setup):
     assert a.token_ids == b.token_ids
 
 
+def test_row_seeded_sampling_does_not_depend_on_the_batch(setup):
+    backend, recs, d = setup
+    seeds = [11, 12, 21, 22, 31, 32]
+    both = backend.generate(backend.build_inputs(recs, "speech", base_dir=d), 2, 1.0, 0.9, 6, row_seeds=seeds)
+    for i in range(3):
+        one = backend.generate(backend.build_inputs(recs[i:i + 1], "speech", base_dir=d), 2, 1.0, 0.9, 6,
+                               row_seeds=seeds[2 * i:2 * i + 2])
+        assert one.token_ids == both.token_ids[2 * i:2 * i + 2]
+    assert both.token_ids[0] != both.token_ids[1] or both.token_ids[2] != both.token_ids[3]
+
+
+def test_inverse_cdf_sampling_by_hand():
+    from tars.models.backend import sample_next
+
+    logits = torch.tensor([0.2, 0.0, 0.5, 0.3]).log()[None].repeat(5, 1)
+    u = torch.tensor([0.0, 0.1, 0.2, 0.69, 0.7])
+    assert sample_next(logits, 1.0, 1.0, None, u).tolist() == [0, 0, 2, 2, 3]
+    # top_p 0.5 keeps only the most likely token (0.5): every draw lands on it.
+    assert sample_next(logits, 1.0, 0.5, None, u).tolist() == [2] * 5
+
+
 def test_encoder_runs_once_per_clip(setup):
     backend, recs, d = setup
     backend.cache.hits = backend.cache.misses = 0

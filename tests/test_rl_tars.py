@@ -39,31 +39,10 @@ def cfg(tiny, out, **kw):
 
 @pytest.fixture
 def lively(monkeypatch, embedder):
-    """A random tiny model never stops within 6 tokens (every rollout truncated, no loss) nor answers
-    right (every reward 0, no advantage). Cut each rollout at a token-determined place and pay a
-    text-determined accuracy, so that the losses, references and alignment rewards all have
-    something to work on; both are deterministic functions of the sampled tokens."""
-    real = Backend.generate
+    """Rollouts that stop and get answers right or wrong (see `lively.make_lively`)."""
+    from lively import make_lively
 
-    def generate(self, *a, **k):
-        g = real(self, *a, **k)
-        stop = self.stop_token_ids[0]
-        ids = []
-        for row in g.token_ids:
-            cut = next((i for i, t in enumerate(row) if i >= 1 and t % 3 == 0), None)
-            ids.append(row if cut is None else row[:cut] + [stop])
-        return Generation(ids, [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids],
-                          [len(r) > 0 and r[-1] != stop for r in ids], g.prompt_index)
-
-    def acc(texts, options, answers):
-        return [float(sum(t.encode()) % 2) for t in texts]
-
-    def base(texts, options, answers, format_weight=0.5):
-        return [a + format_weight * tars_mod.format_score(t) for a, t in zip(acc(texts, options, answers), texts)]
-
-    monkeypatch.setattr(Backend, "generate", generate)
-    monkeypatch.setattr(tars_mod, "accuracy_reward", acc)
-    monkeypatch.setattr(tars_mod, "base_reward", base)
+    make_lively(monkeypatch.setattr)
     # One sentence embedder for the whole file: loading it is most of a tiny run's time.
     monkeypatch.setattr(tars_mod, "SentenceEmbedder", lambda *a, **k: embedder)
 
@@ -253,20 +232,23 @@ def test_prompt_batch_select_trims_padding_and_scores_the_same(tiny):
 def test_micro_batches_add_up_to_the_whole_batch_update(tiny, tmp_path, lively):
     lora = {}
     for mb in (None, 1):
-        tr, batch, base_dir = trainer(tiny, tmp_path / str(mb), micro_batch_questions=mb,
-                                      lora={"dropout": 0.0}, loss_type="grpo")
+        tr, batch, base_dir = trainer(tiny, tmp_path / str(mb), micro_batch_questions=mb, speech_rollouts=4,
+                                      text_rollouts=4, lora={"dropout": 0.0}, loss_type="grpo", lr=1e-4)
         row = tr.step(batch, base_dir, 0)
         assert row["loss"] != 0
         lora[mb] = ({k: v.detach().clone() for k, v in tr.lora.items()}, row["loss"], row["grad_norm"])
     (a, la, ga), (b, lb, gb) = lora[None], lora[1]
     assert la == pytest.approx(lb, abs=1e-6) and ga == pytest.approx(gb, rel=1e-5)
+    # One Adam step moves every weight by ~lr whatever its gradient's size, so summation-order noise
+    # on a near-zero gradient shows up at up to ~lr: a small lr keeps the check about the gradients.
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
 @needs_espeak
 def test_kl_to_the_lora_free_model(tiny, tmp_path, lively):
-    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo", beta=0.1, lora={"dropout": 0.0})
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo", beta=0.1, lora={"dropout": 0.0},
+                                  speech_rollouts=4, text_rollouts=4)
     first = tr.step(batch, base_dir, 0)
     second = tr.step(batch, base_dir, 1)
     assert first["kl"] == 0.0  # B = 0 at the start: the policy IS the reference
@@ -341,3 +323,40 @@ def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_pro
     if method == "dpo":
         assert {"dpo/margin", "dpo/pair_accuracy"} <= set(row)
         assert calls[0]["completions"] == grad_calls[0]["completions"]  # the reference scores the same pairs
+
+
+@needs_espeak
+def test_two_processes_give_the_same_loss_and_update_as_one(tiny, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo): each process takes 2 of the step's 4
+    questions; the losses, metrics and LoRA weights after 2 steps equal a 1-process run's.
+
+    accelerate's `--cpu` path starts several processes only through MPI; its torchrun launcher
+    (`--multi_gpu`, what configs/accelerate/ddp.yaml selects) on a machine without GPUs starts CPU
+    processes that meet over gloo — the same code path as on GPUs, NCCL aside."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "dist_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TARS_HOME": str(tmp_path / "home")}
+    one = subprocess.run([sys.executable, str(worker), str(tiny), str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(worker), str(tiny), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "world 2" in two.stdout
+    ra = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(ra) == len(rb) == 2 and any(r["loss"] != 0 for r in ra)
+    for x, y in zip(ra, rb):
+        for k in x:
+            if not k.startswith("time/"):
+                assert x[k] == pytest.approx(y[k], abs=1e-5), k
+    a, b = lora_of(tmp_path / "one" / "adapter"), lora_of(tmp_path / "two" / "adapter")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)

@@ -240,10 +240,16 @@ class Backend(nn.Module):
         max_new_tokens: int = 256,
         generator: torch.Generator | None = None,
         min_new_tokens: int = 0,
+        row_seeds: Sequence[int] | None = None,
     ) -> Generation:
         """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache.
 
         `min_new_tokens` forbids the stop tokens before that many tokens (forced lengths for benchmarks).
+        `row_seeds` (one per completion row, prompt-major): each row draws its tokens from its own
+        stream of uniforms by inverse-CDF sampling, so a completion depends only on its seed and its
+        own logits, not on which other prompts share the batch — the property that lets a batch split
+        over processes (or micro-batches) sample what the whole batch would. Otherwise `generator`
+        drives one multinomial draw per step for the whole batch.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -257,6 +263,12 @@ class Backend(nn.Module):
         embeds = inputs.embeds.index_select(0, index)
         mask = inputs.attention_mask.index_select(0, index)
         N = embeds.shape[0]
+        uniforms = None
+        if row_seeds is not None:
+            if len(row_seeds) != N:
+                raise ValueError(f"row_seeds: need {N} (one per completion row), got {len(row_seeds)}")
+            uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)),
+                                               dtype=torch.float64) for s in row_seeds]).to(embeds.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dec, head = self.decoder(), self.lm_head()
         out = dec(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=True)
@@ -269,7 +281,8 @@ class Backend(nn.Module):
             logits = head(last).float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")
-            nxt = sample_next(logits, temperature, top_p, generator)
+            nxt = sample_next(logits, temperature, top_p, generator,
+                              None if uniforms is None else uniforms[:, step])
             pad = self.stop_token_ids[0]
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
@@ -392,8 +405,11 @@ def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:
     return ids
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Greedy when `temperature` is 0, else nucleus sampling at `temperature`."""
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                uniforms: Tensor | None = None) -> Tensor:
+    """Greedy when `temperature` is 0, else nucleus sampling at `temperature`: a multinomial draw from
+    `generator`, or — given one uniform in [0, 1) per row — the token where the row's cumulative
+    probability first exceeds it (inverse CDF, float64 so the last token is reachable)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
@@ -402,7 +418,11 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def default_device() -> torch.device:

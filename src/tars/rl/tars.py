@@ -34,9 +34,11 @@ Two choices worth knowing:
   speech-conditioned states. That is off-policy for the text rollouts (sampled from the text prompt)
   with no importance correction, as in the reference code; use it to reproduce that code.
 
-Runs resume after a kill: every random draw of step k comes from generators seeded by (seed, k) (the
-rollout sampler, the LoRA dropout, the reference choice), the question order is a function of
-(seed, epoch), and checkpoints hold the LoRA weights, optimizer, scheduler and RNG states.
+Runs resume after a kill: every random draw of step k comes from generators seeded by (seed, k) —
+per completion row for the rollouts and per question for the reference choice, so the draws do not
+depend on how the step's questions are split over processes or micro-batches (`rl/distributed.py`);
+the question order is a function of (seed, epoch), and checkpoints hold the LoRA weights, optimizer,
+scheduler and RNG states.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from tars.rewards.accuracy import accuracy_reward, base_reward
 from tars.rewards.alignment import SentenceEmbedder, alignment_rewards, select_layers, text_alignment_reward
 from tars.rewards.format import format_score
 from tars.rl.advantages import SPEECH, TEXT, group_advantages
+from tars.rl.distributed import Group
 from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, sft_targets
 from tars.rl.losses import clipped_surrogate, loss_normalizer
 
@@ -360,11 +363,15 @@ def _seed(seed: int, step: int, stream: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{stream}".encode()).digest()[:8], "little") >> 1
 
 
-def _load_policy_model(cfg: TarsConfig):
+def _load_policy_model(cfg: TarsConfig, group: Group | None = None):
     from tars.models.backend import default_device
     from tars.models.loading import load_backend
 
     device = torch.device(cfg.device) if cfg.device else default_device()
+    if group is not None and group.on and device.type == "cuda":
+        from accelerate import PartialState
+
+        device = PartialState().device  # this process's own GPU
     return load_backend(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
 
 
@@ -376,8 +383,10 @@ class TarsTrainer:
     (the backend gets its LoRA injected in place). `total_steps` shapes the learning-rate schedule.
     """
 
-    def __init__(self, cfg: TarsConfig, total_steps: int, backend=None, embedder: SentenceEmbedder | None = None):
+    def __init__(self, cfg: TarsConfig, total_steps: int, backend=None, embedder: SentenceEmbedder | None = None,
+                 group: Group | None = None):
         self.cfg = cfg
+        self.group = group or Group()
         self.backend = backend = backend if backend is not None else _load_policy_model(cfg)
         # LoRA's A matrices start random: seeded, so that a run is a function of its config.
         torch.manual_seed(_seed(cfg.seed, -1, "lora"))
@@ -400,8 +409,6 @@ class TarsTrainer:
             return {"constant": 1.0, "linear": left, "cosine": 0.5 * (1 - math.cos(math.pi * left))}[cfg.schedule]
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
-        self.sampler = torch.Generator(device=backend.device)
-        self.reference_rng = random.Random()
         self.last: StepRecord | None = None
 
     def _micro_batches(self, n_questions: int) -> list[list[int]]:
@@ -417,13 +424,21 @@ class TarsTrainer:
         base = base_reward(texts, options, answers, self.cfg.format_weight)
         return tuple(torch.tensor(x, dtype=torch.float32).view(len(batch), G) for x in (acc, fmt, base))
 
+    def _rng(self, step: int, rec: Record) -> random.Random:
+        """The reference draws of one question at one step: per question, so a batch split over
+        processes draws what the whole batch would."""
+        return random.Random(_seed(self.cfg.seed, step, f"reference:{rec.id}"))
+
+    def _row_seeds(self, step: int, batch: Sequence[Record], modality: str, G: int) -> list[int]:
+        return [_seed(self.cfg.seed, step, f"sample:{modality}:{r.id}:{g}") for r in batch for g in range(G)]
+
     def step(self, batch: Sequence[Record], base_dir: Path | None, step: int) -> dict[str, float]:
-        """One TARS update on the questions `batch` (their audio under `base_dir`); returns its metrics."""
-        cfg, be = self.cfg, self.backend
+        """One TARS update on the questions `batch` (their audio under `base_dir`); returns its metrics.
+        Under several processes `batch` is the whole step's questions and this process takes its share."""
+        cfg, be, group = self.cfg, self.backend, self.group
+        batch = group.shard(batch)
         Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
-        self.sampler.manual_seed(_seed(cfg.seed, step, "sample"))
-        self.reference_rng.seed(_seed(cfg.seed, step, "reference"))
-        torch.manual_seed(_seed(cfg.seed, step, "dropout"))
+        torch.manual_seed(_seed(cfg.seed, step, f"dropout:{group.rank}"))
         clock, t_step = _Clock(be.device), time.perf_counter()
         lr = self.sched.get_last_lr()[0]
 
@@ -433,8 +448,10 @@ class TarsTrainer:
         with clock("generate"), torch.no_grad():
             prompts = {"speech": be.build_inputs(batch, "speech", base_dir=base_dir),
                        "text": be.build_inputs(batch, "text")}
-            speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens, self.sampler)
-            text = be.generate(prompts["text"], Gt, cfg.temperature, cfg.top_p, cfg.max_new_tokens, self.sampler)
+            speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                 row_seeds=self._row_seeds(step, batch, "speech", Gs))
+            text = be.generate(prompts["text"], Gt, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                               row_seeds=self._row_seeds(step, batch, "text", Gt))
 
         # 2. R_base = R_acc + λ·R_fmt for every rollout, speech and text alike.
         with clock("rewards"):
@@ -447,16 +464,17 @@ class TarsTrainer:
                 emb_s, emb_t = emb[: Q * Gs].view(Q, Gs, -1), emb[Q * Gs :].view(Q, Gt, -1)
 
         if cfg.method in IMITATION:
-            extra = self._imitation_update(batch, prompts, speech, text, acc_s, acc_t, clock)
+            extra = self._imitation_update(batch, prompts, speech, text, acc_s, acc_t, clock, step)
             return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
 
         # Completions that hit the length limit are left out of the loss (step 6). The normaliser
-        # counts the WHOLE batch, so the micro-batch losses add up to the batch loss.
+        # counts the WHOLE batch (every process's share), so the micro-batch losses add up to the
+        # batch loss.
         keep_s = ~torch.tensor(speech.truncated, device=be.device)
         keep_t = ~torch.tensor(text.truncated, device=be.device)
         width = max(len(t) for t in speech.token_ids + text.token_ids)
-        normalizer = loss_normalizer(_token_mask(speech.token_ids + text.token_ids, width),
-                                     torch.cat([keep_s, keep_t]).cpu(), cfg.loss_type)
+        normalizer = group.sum(loss_normalizer(_token_mask(speech.token_ids + text.token_ids, width),
+                                               torch.cat([keep_s, keep_t]).cpu(), cfg.loss_type))
         text_prompt = prompts["text"] if cfg.text_scored_under == "text" else prompts["speech"]
 
         rep, beh = torch.zeros(Q, Gs), torch.zeros(Q, Gs)
@@ -506,7 +524,7 @@ class TarsTrainer:
                         if self.embedder is not None:
                             pooled.update(speech_emb=emb_s[q], text_emb=emb_t[q])
                         got = alignment_rewards((acc_t[q] == 1).tolist(), mode=cfg.reference,
-                                                rng=self.reference_rng, **pooled)
+                                                rng=self._rng(step, batch[q]), **pooled)
                         rep[q], beh[q] = got.rep.cpu(), got.beh.cpu()
                 # Speech: R_base + w_rep·R_rep + w_beh·R_beh.
                 # 4. Text: R_base + a per-question constant (the speech mean alignment, 0, or nothing),
@@ -536,11 +554,17 @@ class TarsTrainer:
                 loss_total += float(loss.detach())
 
         with clock("update"):
+            group.sum_grads(self.params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
 
+        # Metrics over the whole step: every process's questions, sums over every process's tokens.
+        rep, beh, reward_s, reward_t, term_t, no_reference = map(
+            group.cat, (rep, beh, reward_s, reward_t, term_t, no_reference))
+        loss_total, clipped, kl, kept_tokens = map(group.sum, (loss_total, clipped, kl, kept_tokens))
+        entropy = {k: [group.sum(v[0]), group.sum(v[1])] for k, v in entropy.items()}
         self.last = StepRecord(speech.texts, text.texts, base_s, base_t, rep, beh, reward_s, reward_t, term_t,
                                adv_s, adv_t)
         extra = {
@@ -557,16 +581,20 @@ class TarsTrainer:
         return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
 
     def _metrics(self, extra: dict, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr) -> dict:
-        """The step's metrics row: what every method logs, plus `extra` (its own loss terms)."""
-        len_s = [len(x) for x in speech.token_ids]
-        len_t = [len(x) for x in text.token_ids]
+        """The step's metrics row over every process's questions: what every method logs, plus `extra`
+        (its own loss terms, already summed over processes). Times are this process's."""
+        g = self.group
+        acc_s, fmt_s, base_s, acc_t, fmt_t, base_t = map(g.cat, (acc_s, fmt_s, base_s, acc_t, fmt_t, base_t))
+        len_s = g.gather_lists([len(x) for x in speech.token_ids])
+        len_t = g.gather_lists([len(x) for x in text.token_ids])
+        trunc = g.gather_lists(list(speech.truncated) + list(text.truncated))
         row = {
             "lr": lr,
             "speech/base": base_s.mean().item(), "speech/acc": acc_s.mean().item(), "speech/format": fmt_s.mean().item(),
             "text/base": base_t.mean().item(), "text/acc": acc_t.mean().item(), "text/format": fmt_t.mean().item(),
             "gap": acc_t.mean().item() - acc_s.mean().item(),
             "speech/length": sum(len_s) / len(len_s), "text/length": sum(len_t) / len(len_t),
-            "truncated": (sum(speech.truncated) + sum(text.truncated)) / (len(len_s) + len(len_t)),
+            "truncated": sum(trunc) / len(trunc),
             **extra,
         }
         for phase in ("generate", "score", "rewards", "update"):
@@ -574,23 +602,24 @@ class TarsTrainer:
         row["time/step"] = round(time.perf_counter() - t_step, 4)
         return row
 
-    def _imitation_update(self, batch, prompts, speech, text, acc_s, acc_t, clock) -> dict:
+    def _imitation_update(self, batch, prompts, speech, text, acc_s, acc_t, clock, step: int) -> dict:
         """The `sft` / `dpo` update (rl/imitation.py): targets are fixed sequences scored under the
         SPEECH prompt; questions without a target (no correct text rollout; for DPO also no wrong
         speech rollout) train nothing this step."""
-        cfg, be = self.cfg, self.backend
+        cfg, be, group = self.cfg, self.backend, self.group
         Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
+        rngs = [self._rng(step, r) for r in batch]
         good_t = [[a == 1 and not tr for a, tr in zip(acc_t[q].tolist(), text.truncated[q * Gt:(q + 1) * Gt])]
                   for q in range(Q)]
         if cfg.method == "sft":
-            picks = sft_targets(good_t, self.reference_rng)
+            picks = [sft_targets([good_t[q]], rngs[q])[0] for q in range(Q)]
             targets = {q: [text.token_ids[q * Gt + i]] for q, i in enumerate(picks) if i is not None}
-            normalizer = float(sum(len(c[0]) for c in targets.values()))
+            normalizer = group.sum(float(sum(len(c[0]) for c in targets.values())))
         else:
-            picks = dpo_pairs(good_t, [[a == 1 for a in acc_s[q].tolist()] for q in range(Q)], self.reference_rng)
+            picks = [dpo_pairs([good_t[q]], [[a == 1 for a in acc_s[q].tolist()]], rngs[q])[0] for q in range(Q)]
             targets = {q: [text.token_ids[q * Gt + c], speech.token_ids[q * Gs + r]]
                        for q, pair in enumerate(picks) if pair is not None for c, r in [pair]}
-            normalizer = float(len(targets))
+            normalizer = group.sum(float(len(targets)))
         loss_total, entropy, n_tok, margins, right = 0.0, 0.0, 0.0, [], []
         qs_all = sorted(targets)
         size = cfg.micro_batch_questions or max(1, len(qs_all))
@@ -619,23 +648,25 @@ class TarsTrainer:
                     right.append(float(stats["pair_accuracy"]) * len(qs))
                 loss.backward()
                 loss_total += float(loss.detach())
+        n_targets = group.sum(float(len(targets)))
         with clock("update"):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if targets else 0.0
-            if targets:
+            group.sum_grads(self.params)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if n_targets else 0.0
+            if n_targets:
                 self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-        extra = {"loss": loss_total, "grad_norm": grad_norm, "no_reference": 1 - len(targets) / Q,
-                 "speech/entropy": entropy / max(n_tok, 1.0)}
+        extra = {"loss": group.sum(loss_total), "grad_norm": grad_norm,
+                 "no_reference": 1 - n_targets / group.sum(float(Q)),
+                 "speech/entropy": group.sum(entropy) / max(group.sum(n_tok), 1.0)}
         if cfg.method == "dpo":
-            extra["dpo/margin"] = sum(margins) / max(len(targets), 1)
-            extra["dpo/pair_accuracy"] = sum(right) / max(len(targets), 1)
+            extra["dpo/margin"] = group.sum(sum(margins)) / max(n_targets, 1)
+            extra["dpo/pair_accuracy"] = group.sum(sum(right)) / max(n_targets, 1)
         return extra
 
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": self.sampler.get_state(),
-               "reference": self.reference_rng.getstate()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"lora": {k: v.detach().cpu().clone() for k, v in self.lora.items()},
@@ -652,8 +683,6 @@ class TarsTrainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        self.sampler.set_state(rng["sampler"])
-        self.reference_rng.setstate(rng["reference"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
@@ -674,15 +703,22 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     folder `out/adapter` when `save_merged` is off). Resumes from the newest checkpoint in `out`."""
     from tqdm import tqdm
 
+    from tars.rl.distributed import start
+
+    group = start()
     out = resolve(cfg.out)
     result = out / ("model" if cfg.save_merged else "adapter")
     if (out / "DONE").exists():
         print(f"{out} is finished (remove {out / 'DONE'} to train again)")
         return result
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    records, base_dir = load_data(cfg.data, "speech")
-    backend = _load_policy_model(cfg)
+    if group.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        records, base_dir = load_data(cfg.data, "speech")  # synthesises what is missing, once
+    group.barrier()
+    if not group.main:
+        records, base_dir = load_data(cfg.data, "speech")
+    backend = _load_policy_model(cfg, group)
     # The backends refuse clips over the encoder window (never truncate them): leave those out here
     # rather than fail at whichever step first draws one.
     too_long = [r for r in records if (r.duration_s or 0.0) > backend.max_audio_s]
@@ -692,29 +728,38 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     if not records:
         raise UserError("config: data: no questions to train on")
     total = cfg.steps or math.ceil(len(records) / cfg.questions_per_step) * cfg.epochs
-    trainer = TarsTrainer(cfg, total, backend=backend)
+    smallest = min(cfg.questions_per_step, len(records) % cfg.questions_per_step or cfg.questions_per_step)
+    if smallest < group.world:
+        raise UserError(f"config: questions_per_step: a step of {smallest} question(s) cannot be shared by "
+                        f"{group.world} processes (use at least {group.world}, and a data size whose last batch is too)")
+    trainer = TarsTrainer(cfg, total, backend=backend, group=group)
     start = _resume(out, trainer)
-    log = MetricsLog(out, start, tensorboard=cfg.tensorboard)
-    bar = tqdm(total=total, initial=start, desc=cfg.method, unit="step", disable=not progress)
+    group.barrier()  # every process has read the checkpoint before the main one may replace it
+    log = MetricsLog(out, start, tensorboard=cfg.tensorboard) if group.main else None
+    bar = tqdm(total=total, initial=start, desc=cfg.method, unit="step", disable=not (progress and group.main))
     for step in range(start, total):
         epoch, idx = batch_indices(len(records), step, cfg.questions_per_step, cfg.seed)
         row = {"step": step + 1, "epoch": epoch, **trainer.step([records[i] for i in idx], base_dir, step)}
-        log.write(row)
+        if log is not None:
+            log.write(row)
         bar.set_postfix(acc_s=f"{row['speech/acc']:.2f}", acc_t=f"{row['text/acc']:.2f}",
                         rep=f"{row['speech/rep']:.2f}")
         bar.update(1)
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total and group.main:
             _save_checkpoint(out, step + 1, trainer, cfg.keep_last)
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     backend.eval()
-    save_adapter(backend, out / "adapter", cfg, total)
-    if cfg.save_merged:
-        merge_lora(backend)
-        backend.save_pretrained(out / "model")
-    # DONE before the checkpoints go: a kill in between must not restart the run from step 0.
-    atomic_write_text(out / "DONE", f"{total} steps\n")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if group.main:
+        save_adapter(backend, out / "adapter", cfg, total)
+        if cfg.save_merged:
+            merge_lora(backend)
+            backend.save_pretrained(out / "model")
+        # DONE before the checkpoints go: a kill in between must not restart the run from step 0.
+        atomic_write_text(out / "DONE", f"{total} steps\n")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    group.barrier()
     return result
 
 
@@ -728,6 +773,8 @@ def _save_checkpoint(out: Path, step: int, trainer: TarsTrainer, keep_last: int)
 
 
 def _resume(out: Path, trainer: TarsTrainer) -> int:
+    """Every process loads the newest checkpoint; only the main one edits the metrics file."""
+    main = trainer.group.main
     log = out / "metrics.jsonl"
     for ck in sorted((out / "checkpoints").glob("step-*.pt"), reverse=True):
         try:
@@ -737,12 +784,14 @@ def _resume(out: Path, trainer: TarsTrainer) -> int:
             continue
         trainer.load_state_dict(state)
         # Rows logged after the checkpoint belong to steps that will run again.
-        if log.exists():
+        if main and log.exists():
             rows = [l for l in log.read_text().splitlines() if _step_of(l) <= state["step"]]
             atomic_write_text(log, "".join(r + "\n" for r in rows))
-        print(f"resuming {out} from step {state['step']}")
+        if main:
+            print(f"resuming {out} from step {state['step']}")
         return int(state["step"])
-    log.unlink(missing_ok=True)
+    if main:
+        log.unlink(missing_ok=True)
     return 0
 
 

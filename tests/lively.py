@@ -1,0 +1,34 @@
+"""Makes a tiny random model's rollouts usable for trainer tests (shared by the in-process tests and
+the multi-process worker, which cannot use pytest's monkeypatch).
+
+A random tiny model never stops within a few tokens (every rollout truncated, no loss) nor answers
+right (every reward 0, no advantage). Cut each rollout at a token-determined place and pay a
+text-determined accuracy, so that the losses, references and alignment rewards all have something
+to work on; both are deterministic functions of the sampled tokens."""
+
+from tars.models.backend import Backend, Generation
+from tars.rl import tars as tars_mod
+
+
+def make_lively(setattr_):
+    real = Backend.generate
+
+    def generate(self, *a, **k):
+        g = real(self, *a, **k)
+        stop = self.stop_token_ids[0]
+        ids = []
+        for row in g.token_ids:
+            cut = next((i for i, t in enumerate(row) if i >= 1 and t % 3 == 0), None)
+            ids.append(row if cut is None else row[:cut] + [stop])
+        return Generation(ids, [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids],
+                          [len(r) > 0 and r[-1] != stop for r in ids], g.prompt_index)
+
+    def acc(texts, options, answers):
+        return [float(sum(t.encode()) % 2) for t in texts]
+
+    def base(texts, options, answers, format_weight=0.5):
+        return [a + format_weight * tars_mod.format_score(t) for a, t in zip(acc(texts, options, answers), texts)]
+
+    setattr_(Backend, "generate", generate)
+    setattr_(tars_mod, "accuracy_reward", acc)
+    setattr_(tars_mod, "base_reward", base)
