@@ -343,10 +343,10 @@ def test_two_processes_give_the_same_loss_and_update_as_one(tiny, tmp_path):
     one = subprocess.run([sys.executable, str(worker), str(tiny), str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          str(worker), str(tiny), str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    ddp = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ddp),
+                          "--num_processes", "2", str(worker), str(tiny), str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "world 2" in two.stdout
     ra = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
