@@ -232,6 +232,23 @@ def test_bad_inputs(setup, tmp_path):
         backend.generate(backend.build_inputs(recs[:1], "text"), max_new_tokens=1000)
 
 
+def test_a_hub_id_loads_through_the_hub_cache_or_says_why_not(setup, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    _, _, d = setup
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(d / "model"))
+    monkeypatch.chdir(tmp_path)
+    assert load_backend("some-org/some-model").decoder() is not None and asked == ["some-org/some-model"]
+
+    def offline(repo):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match="some-org/some-model: not a local folder, and the Hugging Face hub"):
+        load_backend("some-org/some-model")
+
+
 def test_loading_errors(tmp_path, setup):
     _, _, d = setup
     with pytest.raises(UserError, match="model folder not found"):

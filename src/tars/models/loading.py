@@ -60,6 +60,8 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     from tars.paths import resolve
 
     path = resolve(path)
+    if not path.exists() and looks_like_hub_id(str(path)):
+        path = hub_snapshot(str(path))
     mt = read_config(path).get("model_type")
     if mt not in BACKENDS:
         raise UserError(
@@ -68,3 +70,20 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     module, cls = BACKENDS[mt].split(":")
     return getattr(importlib.import_module(module), cls).from_pretrained(path, device=device, dtype=dtype,
                                                                         cache_dir=cache_dir)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` with no path-like parts: what the Hugging Face hub calls a repo id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model (downloaded once into the Hugging Face cache, or found there)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # offline, unknown repo, gated: all mean "not available here"
+        raise UserError(f"{repo_id}: not a local folder, and the Hugging Face hub could not provide it "
+                        f"({type(e).__name__}; offline? pass the path of a downloaded copy instead)") from None

@@ -711,6 +711,7 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     if (out / "DONE").exists():
         print(f"{out} is finished (remove {out / 'DONE'} to train again)")
         return result
+    backend = _load_policy_model(cfg, group)  # first: a wrong model path fails before any synthesis
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
@@ -718,7 +719,6 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     group.barrier()
     if not group.main:
         records, base_dir = load_data(cfg.data, "speech")
-    backend = _load_policy_model(cfg, group)
     # The backends refuse clips over the encoder window (never truncate them): leave those out here
     # rather than fail at whichever step first draws one.
     too_long = [r for r in records if (r.duration_s or 0.0) > backend.max_audio_s]
