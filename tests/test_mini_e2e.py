@@ -1,4 +1,4 @@
-"""End to end on the real mini model: build → short SFT → short alignment → eval on 20 items.
+"""End to end on the real mini model: build → short SFT → short alignment (both designs) → eval on 20 items.
 
 Marked `slow` (several minutes on 2 cores): run with `pytest -m slow`.
 """
@@ -42,10 +42,15 @@ def test_build_train_align_eval(tmp_path):
     r = run_cli("mini", "align", "--config", "configs/mini_align.yaml", f"model={tmp_path / 'sft' / 'model'}",
                 "max_steps=2", "data.n=16", "batch_size=4", f"out={tmp_path / 'aligned'}")
     assert r.returncode == 0, r.stderr
+    r = run_cli("mini", "ctc", "--config", "configs/mini_ctc.yaml", f"model={tmp_path / 'sft' / 'model'}",
+                "data.file=null", "data.n=24", "val_n=4", "max_steps=3", "save_every=2", f"out={tmp_path / 'ctc'}")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in (tmp_path / "ctc" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "val_token_error" in rows[-1]
     heldout = tmp_path / "heldout.jsonl"
     r = run_cli("data", "make", "--family", "all", "--n", "20", "--seed", "1000", "--out", heldout)
     assert r.returncode == 0, r.stderr
-    r = run_cli("eval", "--model", tmp_path / "aligned" / "model", "--data", heldout, "--out", tmp_path / "eval",
+    r = run_cli("eval", "--model", tmp_path / "ctc" / "model", "--data", heldout, "--out", tmp_path / "eval",
                 "--max-new-tokens", "48")
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
