@@ -32,6 +32,34 @@ def test_summarize_by_hand():
     assert "| a | gap (text − speech) | | +25.0 |" in format_table(m)
 
 
+def test_mrr_and_subjects_by_hand(tmp_path):
+    import pytest
+
+    from tars.errors import UserError
+    from tars.eval.metrics import backbone_text_accuracy, mrr
+
+    rows = [dict(row("a", "speech", "A", "A"), subject="law"), dict(row("a", "speech", "B", "C"), subject="law"),
+            dict(row("a", "speech", "C", "C"), subject="math"), row("b", "speech", "A", None),
+            row("a", "text", "A", "A")]
+    m = summarize(rows, backbone_text=40.0)
+    # speech: a 2/3, b 0/1 → Avg(A) = 33.33; MRR = 33.33 / 40 = 83.3 % (a backbone's number, not the model's text)
+    assert m["average"]["speech"] == pytest.approx(100 / 3)
+    assert m["mrr"] == pytest.approx(100 * (100 / 3) / 40)
+    assert m["datasets"]["a"]["speech"]["subjects"] == {"law": {"n": 2, "accuracy": 50.0},
+                                                        "math": {"n": 1, "accuracy": 100.0}}
+    assert "subjects" not in m["datasets"]["b"]["speech"]
+    assert mrr(90.0, 60.0) == 150.0  # may exceed 100 %
+    assert "mrr" not in summarize(rows)
+    # The backbone's accuracy: a number, or an earlier eval folder's average text accuracy.
+    assert backbone_text_accuracy("55.5") == 55.5
+    (tmp_path / "metrics.json").write_text(json.dumps({"average": {"text": 61.0}}))
+    assert backbone_text_accuracy(str(tmp_path)) == 61.0
+    with pytest.raises(UserError, match="neither a number nor an eval folder"):
+        backbone_text_accuracy(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="not an accuracy"):
+        backbone_text_accuracy("0")
+
+
 @needs_espeak
 def test_eval_runs_both_modalities_and_resumes(tmp_path):
     model = tiny_qwen2_audio(tmp_path / "m", window_s=15.0)

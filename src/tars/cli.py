@@ -291,17 +291,22 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="Only the first N questions of each file."),
     batch_size: int = typer.Option(16, help="Questions decoded together (sorted by length)."),
     max_new_tokens: int = typer.Option(192, help="Longest answer; longer ones are cut and flagged `truncated`."),
+    backbone_text: Optional[str] = typer.Option(
+        None, help="For MRR: the original text backbone's average text accuracy (%), or an earlier eval folder."),
 ) -> None:
-    """Greedy answers from speech and from text: accuracy, gap, unparseable and format rates.
+    """Greedy answers from speech and from text: accuracy, gap, unparseable and format rates, MRR.
 
     Questions without audio are synthesized first (espeak-ng, cached). Resumable: a rerun after a kill
     decodes only what predictions.jsonl does not hold yet.
     """
     from tars.config import validate
     from tars.eval.evaluate import EvalConfig, format_table, run_eval
+    from tars.eval.metrics import backbone_text_accuracy
 
+    backbone = backbone_text_accuracy(backbone_text) if backbone_text is not None else None
     cfg = validate(EvalConfig, dict(model=model, data=data, out=str(out), modalities=modality, limit=limit,
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens), "tars eval")
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens, backbone_text=backbone),
+                   "tars eval")
     metrics = run_eval(cfg)
     typer.echo(format_table(metrics))
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")

@@ -32,6 +32,8 @@ class EvalConfig(Config):
     max_new_tokens: int = 192
     limit: int | None = None
     voice_seed: int = 0
+    #: The original text backbone's average text accuracy (%) for MRR; None = no MRR.
+    backbone_text: float | None = None
     threads: int | None = None
 
 
@@ -120,8 +122,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             timing[f"{name}/{mod}"] = round(time.perf_counter() - t0, 1)
     wanted = {dataset_name(a) for a in cfg.data}
     left_out = {(ds, i) for ds, ids in excluded.items() for i in ids}
-    metrics = summarize(r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities
-                        and (r["dataset"], r["id"]) not in left_out)
+    metrics = summarize([r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities
+                         and (r["dataset"], r["id"]) not in left_out], cfg.backbone_text)
     metrics["model"] = cfg.model
     metrics["excluded_too_long"] = excluded
     metrics["seconds"] = timing
@@ -140,4 +142,7 @@ def format_table(metrics: dict) -> str:
                              f"{m['unparseable']:.1f} | {m['format']:.1f} |")
         if "gap" in d:
             lines.append(f"| {ds} | gap (text − speech) | | {d['gap']:+.1f} | | | |")
+    if "mrr" in metrics:
+        lines.append(f"| average | MRR (speech / backbone text {metrics['backbone_text']:.1f}) | | "
+                     f"{metrics['mrr']:.1f} | | | |")
     return "\n".join(lines)
