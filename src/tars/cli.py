@@ -312,6 +312,34 @@ def eval_cmd(
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}")
 
 
+analyze_app = typer.Typer(help="Look inside: where speech and text part ways.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("layers")
+def analyze_layers(
+    model: list[str] = typer.Option(..., "--model", help="Model folder(s) / checkpoints, one curve each; repeatable."),
+    data: str = typer.Option(..., "--data", help="JSONL / manifest file, or `openbookqa`."),
+    out: Path = typer.Option(..., "--out", help="Output folder: layers.json and layers.png."),
+    limit: int = typer.Option(100, help="First N questions (0 = all)."),
+    completion: str = typer.Option("text_greedy", help="text_greedy (the model's own text answer) or gold."),
+    batch_size: int = typer.Option(8, help="Questions per forward."),
+) -> None:
+    """Per decoder layer, the cosine between speech- and text-conditioned states of the same completion.
+
+    One completion per question is teacher-forced under both prompts; each layer's states are
+    mean-pooled over it (as R_rep pools them). Writes the curve of every model as JSON and one PNG.
+    """
+    from tars.eval.layers import run_layers
+
+    if completion not in ("text_greedy", "gold"):
+        raise UserError(f"--completion: {completion!r} is not text_greedy or gold")
+    res = run_layers(model, data, out, limit or None, completion, batch_size)
+    for name, ys in res["curves"].items():
+        typer.echo(f"{name}: first layer {ys[0]:.3f}, middle {ys[len(ys) // 2]:.3f}, last {ys[-1]:.3f}")
+    typer.echo(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
     try:

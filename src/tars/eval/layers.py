@@ -1,0 +1,102 @@
+"""`tars analyze layers`: where inside the network speech and text part ways (the paper's Fig. 2).
+
+For each question, ONE completion is teacher-forced under both prompts — the speech prompt (audio
+only) and the text prompt (question + lettered options) — and each decoder layer's hidden states are
+mean-pooled over that completion's tokens (prompt and final end token excluded, as for R_rep). The
+curve is the cosine between the two pooled states, per layer, averaged over questions.
+
+Which completion: `text_greedy` (default) is the model's own greedy answer from the text prompt —
+what it says when it reasons well — so the curve shows how close the speech-conditioned states come to
+the text-conditioned ones on the same reasoning; `gold` uses the record's gold chain of thought (the
+same tokens for every checkpoint, so curves of several checkpoints compare like for like). Tokens are
+shared across modalities in both cases: the difference in states is the prompt's doing alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+from tars.atomic import atomic_write_bytes, atomic_write_text
+from tars.data.prompts import gold_completion
+
+
+def layer_cosines(speech_pooled: torch.Tensor, text_pooled: torch.Tensor) -> torch.Tensor:
+    """[N, L, H] pooled states under each prompt → [L] mean over questions of the per-layer cosine."""
+    return torch.nn.functional.cosine_similarity(speech_pooled.float(), text_pooled.float(), dim=-1).mean(0)
+
+
+def analyze_model(backend, records, base_dir: Path | None, completion: Literal["text_greedy", "gold"] = "text_greedy",
+                  batch_size: int = 8, max_new_tokens: int = 192, progress: bool = True) -> list[float]:
+    from tqdm import tqdm
+
+    layers = list(range(1, len(backend.decoder_layers()) + 1))
+    sp, tp = [], []
+    stop = backend.stop_token_ids[0]
+    for i in tqdm(range(0, len(records), batch_size), desc="layers", unit="batch", disable=not progress):
+        batch = records[i : i + batch_size]
+        text_in = backend.build_inputs(batch, "text")
+        speech_in = backend.build_inputs(batch, "speech", base_dir=base_dir)
+        if completion == "text_greedy":
+            comps = backend.generate(text_in, temperature=0.0, max_new_tokens=max_new_tokens).token_ids
+        else:
+            comps = [backend.tokenizer(gold_completion(r), add_special_tokens=False)["input_ids"] + [stop]
+                     for r in batch]
+        idx = list(range(len(batch)))
+        sp.append(backend.score(speech_in, comps, idx, layers).pooled["mean"])
+        tp.append(backend.score(text_in, comps, idx, layers).pooled["mean"])
+    return layer_cosines(torch.cat(sp), torch.cat(tp)).tolist()
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
+    """One line per model, layer on x, cosine on y; written atomically as a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("cos(speech, text) of pooled states")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 100,
+               completion: Literal["text_greedy", "gold"] = "text_greedy", batch_size: int = 8,
+               progress: bool = True) -> dict:
+    from tars.data.bundled import resolve_data
+    from tars.data.jsonl import read_records
+    from tars.data.sources import spoken
+    from tars.models.loading import load_backend
+
+    path = resolve_data(data)
+    records = read_records(path)
+    records = records[:limit] if limit else records
+    base: Path | None = path.parent
+    if not all(r.audio for r in records):
+        records, base = spoken(records)
+    curves: dict[str, list[float]] = {}
+    for m in models:
+        backend = load_backend(m)
+        keep = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
+        curves[str(m)] = analyze_model(backend, keep, base, completion, batch_size, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"data": data, "n": len(records), "completion": completion, "pooling": "mean", "curves": curves}
+    atomic_write_text(out / "layers.json", json.dumps(result, indent=2))
+    plot_curves(curves, out / "layers.png", f"speech vs text states per layer ({Path(data).stem}, n={len(records)})")
+    return result
