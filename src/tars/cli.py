@@ -340,6 +340,20 @@ def analyze_layers(
     typer.echo(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
 
 
+@app.command("report")
+def report_cmd(
+    folders: list[Path] = typer.Argument(..., help="Eval folders (metrics.json), training runs (metrics.jsonl), "
+                                                   "layer analyses (layers.json)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: report.md, report.html and the PNGs."),
+) -> None:
+    """One page from evaluations, runs and layer analyses: the results table in the paper's layout
+    (per benchmark A / T, Avg(A), Avg(T), gap, MRR), training curves and the layer plot."""
+    from tars.eval.report import build_report
+
+    path = build_report(folders, out)
+    typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
     try:

@@ -1,0 +1,163 @@
+"""`tars report`: one page (markdown and HTML) from evaluation folders, training runs and layer analyses.
+
+Each input folder is recognised by what it holds: `metrics.json` (a `tars eval` folder → a row of the
+results table), `metrics.jsonl` (a `tars train` run → training curves), `layers.json` (a `tars analyze
+layers` folder → the layer plot). The results table has the paper's layout: per benchmark speech (A)
+and text (T) accuracy, then Avg(A), Avg(T), gap and MRR (when the evaluation was given the backbone's
+text accuracy). Figures are PNGs beside the page; the HTML embeds them, so it travels as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+from tars.atomic import atomic_write_bytes, atomic_write_text
+from tars.errors import UserError
+
+CURVES = {
+    "accuracy": ["speech/acc", "text/acc"],
+    "rewards": ["speech/base", "speech/rep", "speech/beh", "text/base"],
+}
+
+
+def results_table(evals: dict[str, dict]) -> list[str]:
+    """Markdown lines: one row per evaluation, the paper's columns."""
+    benches = sorted({ds for m in evals.values() for ds in m["datasets"]})
+    head = ["model"] + [f"{b} {k}" for b in benches for k in ("A", "T")] + ["Avg(A)", "Avg(T)", "Gap", "MRR"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cell(x):
+        return "–" if x is None else f"{x:.1f}"
+
+    for name, m in evals.items():
+        cells = [name]
+        for b in benches:
+            d = m["datasets"].get(b, {})
+            cells += [cell(d.get("speech", {}).get("accuracy")), cell(d.get("text", {}).get("accuracy"))]
+        avg = m.get("average", {})
+        cells += [cell(avg.get("speech")), cell(avg.get("text")), cell(m.get("gap")), cell(m.get("mrr"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _smooth(ys: list[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= k:
+            acc -= ys[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot_training(rows: list[dict], title: str) -> bytes:
+    """Two panels (accuracy per modality; reward components), a running mean over ~5 % of the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    k = max(1, len(rows) // 20)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    for ax, (panel, keys) in zip(axes, CURVES.items()):
+        for key in keys:
+            ys = [r[key] for r in rows if key in r]
+            if len(ys) == len(steps) and any(y != 0 for y in ys):
+                ax.plot(steps, _smooth(ys, k), label=key)
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}: {panel}" + (f" (running mean of {k})" if k > 1 else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_report(folders: Sequence[str | Path], out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    evals: dict[str, dict] = {}
+    figures: list[tuple[str, str]] = []  # (caption, file name)
+    for f in map(Path, folders):
+        if not f.is_dir():
+            raise UserError(f"{f}: not a folder (expected an eval folder, a training run or a layers analysis)")
+        found = False
+        if (f / "metrics.json").exists():
+            try:
+                evals[f.name] = json.loads((f / "metrics.json").read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{f / 'metrics.json'}: not valid JSON ({e})") from None
+            found = True
+        if (f / "metrics.jsonl").exists():
+            rows = []
+            for i, line in enumerate((f / "metrics.jsonl").read_text().splitlines(), 1):
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{f / 'metrics.jsonl'}:{i}: not valid JSON") from None
+            if rows and "speech/acc" in rows[0]:
+                name = f"training_{f.name}.png"
+                atomic_write_bytes(out / name, plot_training(rows, f.name))
+                figures.append((f"Training curves of `{f.name}` ({len(rows)} steps)", name))
+            found = True
+        if (f / "layers.json").exists() and (f / "layers.png").exists():
+            name = f"layers_{f.name}.png"
+            atomic_write_bytes(out / name, (f / "layers.png").read_bytes())
+            figures.append((f"Speech vs text states per decoder layer (`{f.name}`)", name))
+            found = True
+        if not found:
+            raise UserError(f"{f}: holds no metrics.json, metrics.jsonl or layers.json")
+
+    md = ["# tars report", ""]
+    if evals:
+        md += ["## Results", "", "Accuracy % from speech (A) and text (T); Gap = Avg(T) − Avg(A); MRR = Avg(A) / "
+               "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
+        md += results_table(evals) + [""]
+    for caption, name in figures:
+        md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.html", _html(md, out))
+    return out / "report.md"
+
+
+def _html(md: list[str], out: Path) -> str:
+    """The markdown page as standalone HTML: tables as tables, images inlined as base64."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [[c.strip() for c in l.strip("|").split("|")] for l in table if not set(l) <= set("|- ")]
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "</table>")
+            table.clear()
+
+    for line in md:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("!["):
+            name = line[line.rindex("(") + 1 : -1]
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}" style="max-width:100%">')
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{border:1px solid #ccc;padding:4px 8px}" \
+            "table{border-collapse:collapse}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>tars report</title><style>{style}</style></head>" \
+           f"<body>{''.join(body)}</body></html>\n"

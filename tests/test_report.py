@@ -1,0 +1,57 @@
+"""`tars report` from fixture folders: the table's numbers, valid PNGs, self-contained HTML."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from tars.errors import UserError
+from tars.eval.report import build_report, results_table
+
+
+def eval_metrics(sa, ta, mrr=None):
+    m = {"datasets": {"heldout": {"speech": {"accuracy": sa}, "text": {"accuracy": ta}, "gap": ta - sa}},
+         "average": {"speech": sa, "text": ta}, "gap": ta - sa}
+    if mrr is not None:
+        m["mrr"] = mrr
+    return m
+
+
+def make_fixture(tmp_path):
+    ev = tmp_path / "eval_base"
+    ev.mkdir()
+    (ev / "metrics.json").write_text(json.dumps(eval_metrics(56.5, 66.5, 85.0)))
+    run = tmp_path / "run_tars"
+    run.mkdir()
+    rows = [{"step": i + 1, "speech/acc": 0.5 + 0.01 * i, "text/acc": 0.6, "speech/base": 0.7, "speech/rep": 0.9,
+             "speech/beh": 0.8, "text/base": 0.9, "loss": 0.1} for i in range(30)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ev, run
+
+
+def test_results_table_in_the_papers_layout():
+    lines = results_table({"base": eval_metrics(56.5, 66.5, 85.0), "tars": eval_metrics(60.0, 66.0)})
+    assert lines[0] == "| model | heldout A | heldout T | Avg(A) | Avg(T) | Gap | MRR |"
+    assert lines[2] == "| base | 56.5 | 66.5 | 56.5 | 66.5 | 10.0 | 85.0 |"
+    assert lines[3] == "| tars | 60.0 | 66.0 | 60.0 | 66.0 | 6.0 | – |"
+
+
+def test_report_from_an_eval_and_a_run(tmp_path):
+    ev, run = make_fixture(tmp_path)
+    r = run_cli("report", ev, run, "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| eval_base | 56.5 | 66.5 | 56.5 | 66.5 | 10.0 | 85.0 |" in md
+    png = tmp_path / "rep" / "training_run_tars.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "![" in md and "training_run_tars.png" in md
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page and "<td>eval_base</td>" in page
+
+
+def test_report_refuses_a_folder_it_cannot_read(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no metrics.json"):
+        build_report([tmp_path / "empty"], tmp_path / "rep")
+    r = run_cli("report", tmp_path / "missing", "--out", tmp_path / "rep")
+    assert r.returncode == 2 and "not a folder" in r.stderr and "Traceback" not in r.stderr
