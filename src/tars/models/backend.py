@@ -356,13 +356,15 @@ class Backend(nn.Module):
             mask = torch.cat([inputs.attention_mask.index_select(0, index), cmask.long()], 1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             pooled: dict[str, list[Tensor]] = {"mean": [], "last": []}
-            weights = pool_full.to(embeds.dtype)[..., None]
-            denom = weights.sum(1).clamp(min=1.0)
+            # [N, 1, P+T] pooling weights (1 / completion length on pooled tokens): a batched matmul
+            # gives the masked mean without a [N, P+T, hidden] temporary per layer.
+            weights = pool_full.to(embeds.dtype)
+            weights = (weights / weights.sum(1, keepdim=True).clamp(min=1.0))[:, None, :]
             rows = torch.arange(N, device=device)
 
             def hook(_mod, _inp, output):
                 h = (output[0] if isinstance(output, tuple) else output).detach()
-                pooled["mean"].append(((h * weights).sum(1) / denom).float())
+                pooled["mean"].append(torch.bmm(weights, h).squeeze(1).float())
                 pooled["last"].append(h[rows, last_pos].float())
 
             handles = [self.decoder_layers()[l - 1].register_forward_hook(hook) for l in layers]
