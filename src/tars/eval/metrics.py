@@ -47,7 +47,7 @@ def summarize(rows: Iterable[dict], backbone_text: float | None = None) -> dict:
                 subj: {"n": len(x), "accuracy": 100.0 * sum(r["pred"] == r["answer"] for r in x) / len(x)}
                 for subj, x in sorted(by_subject.items())}
     avg: dict[str, float] = {}
-    for mod in ("speech", "text"):
+    for mod in ("speech", "text", "cascade"):
         accs = [d[mod]["accuracy"] for d in out["datasets"].values() if mod in d]
         if accs:
             avg[mod] = sum(accs) / len(accs)

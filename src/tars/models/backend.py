@@ -39,8 +39,10 @@ from tars.data.prompts import SYSTEM_PROMPT, text_prompt
 from tars.data.schema import Record
 from tars.errors import UserError
 
-Modality = Literal["speech", "text"]
-MODALITIES: tuple[Modality, ...] = ("speech", "text")
+Modality = Literal["speech", "text", "transcript"]
+#: `transcript` is the cascade baseline's prompt: a text prompt whose user turn is an ASR transcript of
+#: the spoken question (`record.extra["transcript"]`), options as they were spoken, nothing lettered.
+MODALITIES: tuple[Modality, ...] = ("speech", "text", "transcript")
 #: Marks where the audio goes in a rendered chat template; never produced by a tokenizer.
 AUDIO_SLOT = "\x00AUDIO\x00"
 
@@ -181,7 +183,14 @@ class Backend(nn.Module):
     # ---- prompts --------------------------------------------------------------------------------
     def render(self, record: Record, modality: Modality, system: str | None = None) -> str:
         """The chat-templated prompt up to the assistant's turn, audio as `AUDIO_SLOT`."""
-        user = AUDIO_SLOT if modality == "speech" else text_prompt(record)
+        if modality == "speech":
+            user = AUDIO_SLOT
+        elif modality == "transcript":
+            if "transcript" not in record.extra:
+                raise ValueError(f"record {record.id}: no transcript for the transcript condition")
+            user = record.extra["transcript"]
+        else:
+            user = text_prompt(record)
         messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
