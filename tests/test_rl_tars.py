@@ -10,7 +10,6 @@ from conftest import needs_espeak
 from tars.config import validate
 from tars.data.sources import load_data
 from tars.errors import UserError
-from tars.models.backend import Backend, Generation
 from tars.rl import tars as tars_mod
 from tars.rl.tars import (TarsConfig, TarsTrainer, compose_rewards, load_adapter, modality_advantages, run)
 from tiny_models import tiny_qwen2_audio
