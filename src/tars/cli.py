@@ -355,6 +355,36 @@ def report_cmd(
     typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
 
 
+experiment_app = typer.Typer(help="Reproductions that chain several stages.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("mini-table", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mini_table_cmd(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/mini.yaml"), "--config", help="The RL config every trained row shares."),
+    heldout: Path = typer.Option(Path("runs/heldout.jsonl"), "--heldout", help="Held-out questions (see docs/results.md)."),
+    out: Path = typer.Option(Path("runs/mini_table"), "--out", help="One folder per row; table.md and report/."),
+    rows: str = typer.Option(",".join(("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")),
+                             help="Comma list of rows to run (done ones are skipped)."),
+    obqa: int = typer.Option(0, help="Also evaluate the first N OpenBookQA questions (0 = no)."),
+) -> None:
+    """The paper's ablation table on the mini model: base, cascade, SFT, DPO, GRPO, +R_rep, +R_beh, TARS.
+
+    Same data, seeds and step budget for every trained row (the config, with method=ROW). Extra
+    arguments are key=value overrides of the config (steps=10 ...). Resumable: rerun to continue.
+    """
+    from tars.experiment.mini_table import ROWS, run_table
+
+    chosen = [r.strip() for r in rows.split(",") if r.strip()]
+    bad = [r for r in chosen if r not in ROWS]
+    if bad:
+        raise UserError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ROWS)}")
+    table = run_table(config, heldout, out, chosen, list(ctx.args), obqa)
+    typer.echo(table.read_text())
+    typer.echo(f"wrote {table} and {out / 'report' / 'report.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
     try:
