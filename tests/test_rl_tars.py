@@ -305,6 +305,18 @@ def test_bad_config_names_the_key(tiny, tmp_path):
     assert cfg(tiny, tmp_path, layers="1,3").layers == "1,3"
 
 
+def test_bad_config_on_the_command_line_is_one_line(tiny, tmp_path):
+    from conftest import run_cli
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {tiny}\nout: {tmp_path / 'o'}\nsteps: many\n")
+    r = run_cli("train", "--config", conf)
+    assert r.returncode == 2 and "steps" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", "--config", conf, "steps=2", f"model={tmp_path / 'no-model'}")
+    assert r.returncode == 2 and "no-model: model folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
 @needs_espeak
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_prompt(tiny, tmp_path, lively,
