@@ -55,3 +55,15 @@ def test_report_refuses_a_folder_it_cannot_read(tmp_path):
         build_report([tmp_path / "empty"], tmp_path / "rep")
     r = run_cli("report", tmp_path / "missing", "--out", tmp_path / "rep")
     assert r.returncode == 2 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_row_names_of_the_mini_table_layout(tmp_path):
+    for row, (sa, ta) in {"grpo": (50.0, 60.0), "tars": (55.0, 60.0)}.items():
+        (tmp_path / row / "eval").mkdir(parents=True)
+        (tmp_path / row / "eval" / "metrics.json").write_text(json.dumps(eval_metrics(sa, ta)))
+    casc = {"datasets": {"heldout": {"cascade": {"accuracy": 58.0}}}, "average": {"cascade": 58.0}}
+    (tmp_path / "cascade" / "eval").mkdir(parents=True)
+    (tmp_path / "cascade" / "eval" / "metrics.json").write_text(json.dumps(casc))
+    md = build_report([tmp_path / r / "eval" for r in ("grpo", "tars", "cascade")], tmp_path / "rep").read_text()
+    assert "| grpo | 50.0 | 60.0 |" in md and "| tars | 55.0 | 60.0 |" in md
+    assert "| cascade | 58.0 | – | 58.0 | – |" in md

@@ -330,7 +330,7 @@ def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_pro
     assert len(grad_calls) == 1 and [c["grad"] for c in calls] == ([True] if method == "sft" else [False, True])
     assert row["loss"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
     assert any(not torch.equal(before[k], v) for k, v in tr.lora.items())
-    assert 0 <= row["no_reference"] < 1
+    assert 0 <= row["imitation/no_target"] < 1 and row["imitation/target_entropy"] > 0
     if method == "dpo":
         assert {"dpo/margin", "dpo/pair_accuracy"} <= set(row)
         assert calls[0]["completions"] == grad_calls[0]["completions"]  # the reference scores the same pairs
@@ -371,3 +371,11 @@ def test_two_processes_give_the_same_loss_and_update_as_one(tiny, tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+@needs_espeak
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_imitation_runs_end_to_end(tiny, tmp_path, lively, method):
+    run(cfg(tiny, tmp_path / "run", method=method, steps=2, speech_rollouts=3, text_rollouts=3), progress=True)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and (tmp_path / "run" / "DONE").exists()

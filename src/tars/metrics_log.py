@@ -19,7 +19,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            # Always purge: a run killed before its first checkpoint restarts at step 0, and its old
+            # events must go like its old metrics.jsonl.
+            self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from tars.atomic import atomic_write_text
 from tars.config import Config, save_config
 from tars.data.bundled import BUNDLED, resolve_data
@@ -35,7 +37,7 @@ class EvalConfig(Config):
     limit: int | None = None
     voice_seed: int = 0
     #: The original text backbone's average text accuracy (%) for MRR; None = no MRR.
-    backbone_text: float | None = None
+    backbone_text: float | None = Field(None, gt=0, le=100)
     threads: int | None = None
 
 

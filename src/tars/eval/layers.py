@@ -22,6 +22,7 @@ import torch
 
 from tars.atomic import atomic_write_bytes, atomic_write_text
 from tars.data.prompts import gold_completion
+from tars.errors import UserError
 
 
 def layer_cosines(speech_pooled: torch.Tensor, text_pooled: torch.Tensor) -> torch.Tensor:
@@ -90,13 +91,17 @@ def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 
     if not all(r.audio for r in records):
         records, base = spoken(records)
     curves: dict[str, list[float]] = {}
+    counts: dict[str, int] = {}
     for m in models:
         backend = load_backend(m)
         keep = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
+        if not keep:
+            raise UserError(f"{data}: every clip is longer than {m}'s {backend.max_audio_s:g} s encoder window")
         curves[str(m)] = analyze_model(backend, keep, base, completion, batch_size, progress=progress)
+        counts[str(m)] = len(keep)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"data": data, "n": len(records), "completion": completion, "pooling": "mean", "curves": curves}
+    result = {"data": data, "n": counts, "completion": completion, "pooling": "mean", "curves": curves}
     atomic_write_text(out / "layers.json", json.dumps(result, indent=2))
-    plot_curves(curves, out / "layers.png", f"speech vs text states per layer ({Path(data).stem}, n={len(records)})")
+    plot_curves(curves, out / "layers.png", f"speech vs text states per layer ({Path(data).stem}, n={max(counts.values())})")
     return result

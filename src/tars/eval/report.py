@@ -38,11 +38,20 @@ def results_table(evals: dict[str, dict]) -> list[str]:
         cells = [name]
         for b in benches:
             d = m["datasets"].get(b, {})
-            cells += [cell(d.get("speech", {}).get("accuracy")), cell(d.get("text", {}).get("accuracy"))]
+            heard = d.get("speech", d.get("cascade", {}))  # the cascade's A is its transcript condition
+            cells += [cell(heard.get("accuracy")), cell(d.get("text", {}).get("accuracy"))]
         avg = m.get("average", {})
-        cells += [cell(avg.get("speech")), cell(avg.get("text")), cell(m.get("gap")), cell(m.get("mrr"))]
+        cells += [cell(avg.get("speech", avg.get("cascade"))), cell(avg.get("text")), cell(m.get("gap")),
+                  cell(m.get("mrr"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def display_name(folder: Path) -> str:
+    """An evaluation's row name: its folder, or for `ROW/eval…` folders (the mini table's layout) the row."""
+    if folder.name in ("eval", "eval_obqa") and folder.parent.name:
+        return folder.parent.name if folder.name == "eval" else f"{folder.parent.name} (OpenBookQA)"
+    return folder.name
 
 
 def _smooth(ys: list[float], k: int) -> list[float]:
@@ -92,7 +101,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
         found = False
         if (f / "metrics.json").exists():
             try:
-                evals[f.name] = json.loads((f / "metrics.json").read_text())
+                evals[display_name(f)] = json.loads((f / "metrics.json").read_text())
             except json.JSONDecodeError as e:
                 raise UserError(f"{f / 'metrics.json'}: not valid JSON ({e})") from None
             found = True

@@ -41,7 +41,8 @@ from tars.errors import UserError
 
 Modality = Literal["speech", "text", "transcript"]
 #: `transcript` is the cascade baseline's prompt: a text prompt whose user turn is an ASR transcript of
-#: the spoken question (`record.extra["transcript"]`), options as they were spoken, nothing lettered.
+#: the spoken question (`record.extra["transcript"]`), options as they were read ("A, …. B, …."), not
+#: the text condition's lettered block.
 MODALITIES: tuple[Modality, ...] = ("speech", "text", "transcript")
 #: Marks where the audio goes in a rendered chat template; never produced by a tokenizer.
 AUDIO_SLOT = "\x00AUDIO\x00"
@@ -257,7 +258,9 @@ class Backend(nn.Module):
         `row_seeds` (one per completion row, prompt-major): each row draws its tokens from its own
         stream of uniforms by inverse-CDF sampling, so a completion depends only on its seed and its
         own logits, not on which other prompts share the batch — the property that lets a batch split
-        over processes (or micro-batches) sample what the whole batch would. Otherwise `generator`
+        over processes (or micro-batches) sample what the whole batch would (exactly so where the
+        logits are equal; batch shape and padding can move them by round-off, which flips a token only
+        when a uniform falls that close to a CDF boundary). Otherwise `generator`
         drives one multinomial draw per step for the whole batch.
         """
         if max_new_tokens < 1:

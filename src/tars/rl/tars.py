@@ -437,6 +437,7 @@ class TarsTrainer:
         Under several processes `batch` is the whole step's questions and this process takes its share."""
         cfg, be, group = self.cfg, self.backend, self.group
         batch = group.shard(batch)
+        self.last = None
         Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
         torch.manual_seed(_seed(cfg.seed, step, f"dropout:{group.rank}"))
         clock, t_step = _Clock(be.device), time.perf_counter()
@@ -560,13 +561,14 @@ class TarsTrainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
 
-        # Metrics over the whole step: every process's questions, sums over every process's tokens.
+        # This process's rows, for inspection; then the metrics over the whole step: every process's
+        # questions, sums over every process's tokens.
+        self.last = StepRecord(speech.texts, text.texts, base_s, base_t, rep, beh, reward_s, reward_t, term_t,
+                               adv_s, adv_t)
         rep, beh, reward_s, reward_t, term_t, no_reference = map(
             group.cat, (rep, beh, reward_s, reward_t, term_t, no_reference))
         loss_total, clipped, kl, kept_tokens = map(group.sum, (loss_total, clipped, kl, kept_tokens))
         entropy = {k: [group.sum(v[0]), group.sum(v[1])] for k, v in entropy.items()}
-        self.last = StepRecord(speech.texts, text.texts, base_s, base_t, rep, beh, reward_s, reward_t, term_t,
-                               adv_s, adv_t)
         extra = {
             "loss": loss_total, "grad_norm": grad_norm,
             "speech/reward": reward_s.mean().item(), "speech/rep": rep.mean().item(), "speech/beh": beh.mean().item(),
@@ -656,9 +658,12 @@ class TarsTrainer:
                 self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
+        # `imitation/*`: over the target sequences (text chains of thought; for DPO also the rejected
+        # speech rollouts) scored under the speech prompt — not comparable with the GRPO methods'
+        # rollout entropy, hence their own keys.
         extra = {"loss": group.sum(loss_total), "grad_norm": grad_norm,
-                 "no_reference": 1 - n_targets / group.sum(float(Q)),
-                 "speech/entropy": group.sum(entropy) / max(group.sum(n_tok), 1.0)}
+                 "imitation/no_target": 1 - n_targets / group.sum(float(Q)),
+                 "imitation/target_entropy": group.sum(entropy) / max(group.sum(n_tok), 1.0)}
         if cfg.method == "dpo":
             extra["dpo/margin"] = group.sum(sum(margins)) / max(n_targets, 1)
             extra["dpo/pair_accuracy"] = group.sum(sum(right)) / max(n_targets, 1)
@@ -743,7 +748,7 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
         if log is not None:
             log.write(row)
         bar.set_postfix(acc_s=f"{row['speech/acc']:.2f}", acc_t=f"{row['text/acc']:.2f}",
-                        rep=f"{row['speech/rep']:.2f}")
+                        loss=f"{row['loss']:.3f}")
         bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total and group.main:
             _save_checkpoint(out, step + 1, trainer, cfg.keep_last)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from tars.atomic import atomic_write_bytes, atomic_write_text
+from tars.errors import UserError
 
 
 def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
@@ -37,6 +38,10 @@ def resume(out: Path, params, opt, sched) -> int:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         return 0
     state = torch.load(ck, map_location="cpu", weights_only=False)
+    saved = [tuple(v.shape) for v in state["params"]]
+    if saved != [tuple(p.shape) for p in params]:
+        raise UserError(f"{ck}: saved by a run with other trainable shapes (did the config change?); "
+                        "remove it or choose another `out`")
     with torch.no_grad():
         for p, v in zip(params, state["params"]):
             p.copy_(v)

@@ -138,7 +138,9 @@ def run(cfg: CTCConfig, progress: bool = True) -> Path:
     params = list(proj.parameters())
     for p in params:
         p.requires_grad_(True)
-    too_short = [r.id for r, f, t in zip(records, frames, targets) if proj.n_frames(f.shape[0]) < len(t)]
+    # CTC needs a frame per target token plus a blank between two equal neighbours.
+    too_short = [r.id for r, f, t in zip(records, frames, targets)
+                 if proj.n_frames(f.shape[0]) < len(t) + sum(a == b for a, b in zip(t, t[1:]))]
     if too_short:
         print(f"note: {len(too_short)} clips have fewer frames than target tokens (first: {too_short[0]}); "
               "their loss is zeroed — lower `stack` if this is common")
