@@ -268,7 +268,8 @@ def train_cmd(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", help=CONFIG_HELP + " e.g. configs/mini.yaml"),
 ) -> None:
-    """RL with paired speech/text rollouts: TARS, or its ablations (method=grpo|grpo_rep|grpo_beh).
+    """RL with paired speech/text rollouts: TARS, its ablations (method=grpo|grpo_rep|grpo_beh), or the
+    sft / dpo baselines. Under `accelerate launch` each process takes its share of every step.
 
     Extra arguments are key=value overrides (method=grpo layers=deep w_beh=0.5 ...). Writes the resolved
     config, metrics.jsonl, checkpoints, the LoRA adapter and a merged model to `out`; resumes after a
