@@ -179,6 +179,39 @@ def test_generation_stops_at_end_of_turn_and_flags_truncation(setup, monkeypatch
     assert all(len(t) == 7 for t in g.token_ids) and g.truncated == [True] * 4
 
 
+class _StopWhen(torch.nn.Module):
+    """Stops a row when coordinate `k` of its own last hidden state is positive."""
+
+    def __init__(self, head, stop, k):
+        super().__init__()
+        self.head, self.stop, self.k = head, stop, k
+
+    def forward(self, h):
+        out = self.head(h).clone()
+        out[..., self.stop] = torch.where(h[..., self.k] > 0, 1e4, -1e4)
+        return out
+
+
+def test_rows_that_stop_leave_the_batch_without_changing_any_answer(setup, monkeypatch):
+    backend, recs, d = setup
+    head = backend.lm_head()
+    seeds = list(range(100, 106))
+    # The first hidden coordinate that makes rows stop at different steps (a property of the random
+    # model, searched deterministically): that is what exercises the pruning.
+    for k in range(32):
+        monkeypatch.setattr(backend, "lm_head", lambda k=k: _StopWhen(head, backend.stop_token_ids[0], k))
+        both = backend.generate(backend.build_inputs(recs, "text"), 2, 1.0, 1.0, 12, row_seeds=seeds)
+        if len({len(t) for t in both.token_ids}) > 2:
+            break
+    else:
+        raise AssertionError("no coordinate makes rows stop at different steps")
+    for i in range(3):
+        one = backend.generate(backend.build_inputs(recs[i:i + 1], "text"), 2, 1.0, 1.0, 12,
+                               row_seeds=seeds[2 * i:2 * i + 2])
+        assert one.token_ids == both.token_ids[2 * i:2 * i + 2]
+        assert one.truncated == both.truncated[2 * i:2 * i + 2]
+
+
 def test_sampling_is_reproducible_with_a_generator(setup):
     backend, recs, d = setup
     batch = backend.build_inputs(recs, "text")

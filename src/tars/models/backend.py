@@ -287,21 +287,26 @@ class Backend(nn.Module):
         cache, last = out.cache, out.last_hidden_state[:, -1]
         next_pos = pos[:, -1:] + 1
         stops = torch.tensor(self.stop_token_ids, device=embeds.device)
-        tokens = torch.empty(N, 0, dtype=torch.long, device=embeds.device)
-        done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
+        pad = self.stop_token_ids[0]
+        tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=embeds.device)
+        # Rows that stopped leave the batch (and the KV cache): a batch then costs what its live rows
+        # cost, not what its longest answer costs for every row.
+        alive = torch.arange(N, device=embeds.device)
         for step in range(max_new_tokens):
             logits = head(last).float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")
             nxt = sample_next(logits, temperature, top_p, generator,
-                              None if uniforms is None else uniforms[:, step])
-            pad = self.stop_token_ids[0]
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], 1)
-            done = done | torch.isin(nxt, stops)
-            if bool(done.all()) or step == max_new_tokens - 1:
+                              None if uniforms is None else uniforms[alive, step])
+            tokens[alive, step] = nxt
+            finished = torch.isin(nxt, stops)
+            if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=mask.device)], 1)
+            if bool(finished.any()):
+                keep = (~finished).nonzero().flatten()
+                cache.batch_select_indices(keep)
+                alive, nxt, mask, next_pos = alive[keep], nxt[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
             out = dec(
                 inputs_embeds=self.embed_tokens(nxt[:, None]),
                 attention_mask=mask,
