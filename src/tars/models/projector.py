@@ -1,4 +1,5 @@
-"""The mini model's projector: stack k encoder frames, then a two-layer MLP into the LLM.
+"""The mini model's projectors: `StackingProjector` (stack k encoder frames, then a two-layer MLP into the
+LLM) and `CTCProjector` (the same stacking, then CTC over the LLM's own vocabulary; see its docstring).
 
 Why stack: Qwen2-Audio's encoder emits 25 frames per second, so a spoken question of ~14 s becomes
 ~345 audio tokens, which dominate the LLM's cost on a CPU. Stacking k = 4 neighbouring frames (the
