@@ -62,3 +62,29 @@ def step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
+
+
+def open_stage(cfg) -> tuple[Path, bool]:
+    """A supervised stage's folder (`cfg.out` resolved, created) and whether the stage already finished;
+    an unfinished one gets its resolved config (with package versions) written beside it."""
+    from tars.config import save_config
+    from tars.paths import resolve
+
+    if getattr(cfg, "threads", None):
+        torch.set_num_threads(cfg.threads)
+    out = resolve(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "model" / "config.json").exists():
+        print(f"{out / 'model'} exists: stage already finished")
+        return out, True
+    save_config(cfg, out)
+    return out, False
+
+
+def finish_stage(backend, out: Path, total: int) -> Path:
+    """Save the trained model as `out/model`, drop the checkpoint, mark the stage DONE."""
+    backend.eval()
+    backend.save_pretrained(out / "model")
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    atomic_write_text(out / "DONE", f"{total} steps\n")
+    return out / "model"

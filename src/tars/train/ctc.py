@@ -24,14 +24,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tars.atomic import atomic_write_text
-from tars.config import Config, save_config
+from tars.config import Config
 from tars.data.prompts import spoken_text, text_prompt
 from tars.data.sources import DataConfig, load_data
 from tars.errors import UserError
 from tars.models.projector import CTCProjector, ctc_keep
-from tars.paths import resolve
-from tars.train.checkpoint import resume, save_checkpoint, warmup_cosine
+from tars.train.checkpoint import finish_stage, open_stage, resume, save_checkpoint, warmup_cosine
 
 
 class CTCConfig(Config):
@@ -104,14 +102,9 @@ def run(cfg: CTCConfig, progress: bool = True) -> Path:
 
     from tars.models.loading import load_backend
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = resolve(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "model" / "config.json").exists():
-        print(f"{out / 'model'} exists: stage already finished")
+    out, finished = open_stage(cfg)
+    if finished:
         return out / "model"
-    save_config(cfg, out)
     records, base = load_data(cfg.data, "speech")
     if len(records) <= cfg.val_n:
         raise UserError(f"config: data has {len(records)} items, not more than val_n={cfg.val_n}")
@@ -187,8 +180,4 @@ def run(cfg: CTCConfig, progress: bool = True) -> Path:
         if (step + 1) % cfg.save_every == 0 and not last:
             save_checkpoint(out, step + 1, params, opt, sched)
     bar.close()
-    backend.eval()
-    backend.save_pretrained(out / "model")
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    atomic_write_text(out / "DONE", f"{total} steps\n")
-    return out / "model"
+    return finish_stage(backend, out, total)

@@ -26,14 +26,12 @@ from typing import Literal
 
 import torch
 
-from tars.atomic import atomic_write_text
-from tars.config import Config, save_config
+from tars.config import Config
 from tars.data.prompts import gold_completion, spoken_text
 from tars.data.schema import Record
 from tars.errors import UserError
-from tars.paths import resolve
 from tars.data.sources import DataConfig, load_data
-from tars.train.checkpoint import resume, save_checkpoint, warmup_cosine
+from tars.train.checkpoint import finish_stage, open_stage, resume, save_checkpoint, warmup_cosine
 
 TRANSCRIBE_PROMPT = "Repeat exactly what the user said, word for word."
 
@@ -85,14 +83,9 @@ def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
 
     from tars.models.loading import load_backend
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = resolve(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "model" / "config.json").exists():
-        print(f"{out / 'model'} exists: stage already finished")
+    out, finished = open_stage(cfg)
+    if finished:
         return out / "model"
-    save_config(cfg, out)
     if cfg.modality == "text" and cfg.train == "projector":
         raise UserError("config: train=projector needs modality=speech (text prompts never reach the projector)")
     records, base = load_data(cfg.data, cfg.modality)
@@ -147,11 +140,7 @@ def run(cfg: SupervisedConfig, progress: bool = True) -> Path:
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(out, step + 1, params, opt, sched)
     bar.close()
-    backend.eval()
-    backend.save_pretrained(out / "model")
-    (out / "checkpoint.pt").unlink(missing_ok=True)
-    atomic_write_text(out / "DONE", f"{total} steps\n")
-    return out / "model"
+    return finish_stage(backend, out, total)
 
 
 def _trainable(backend, what: str) -> list[torch.nn.Parameter]:
