@@ -54,12 +54,12 @@ def analyze_model(backend, records, base_dir: Path | None, completion: Literal["
 
 def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
     """One line per model, layer on x, cosine on y; written atomically as a PNG."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from tars.eval.report import figure_png
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for name, ys in curves.items():
@@ -69,11 +69,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig))
 
 
 def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 100,

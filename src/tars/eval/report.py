@@ -83,6 +83,13 @@ def plot_training(rows: list[dict], title: str) -> bytes:
         ax.set_title(f"{title}: {panel}" + (f" (running mean of {k})" if k > 1 else ""), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (closed after), for atomic writes and inlining."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

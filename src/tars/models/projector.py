@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 
 class StackingProjector(nn.Module):
+    kind = "stack"
+
     def __init__(self, d_audio: int, d_model: int, stack: int = 4, d_hidden: int | None = None):
         super().__init__()
         self.stack = stack
@@ -33,12 +35,15 @@ class StackingProjector(nn.Module):
         pad = self.n_tokens(n) * self.stack - n
         if pad:
             frames = torch.cat([frames, frames.new_zeros(pad, d)], 0)
-        x = frames.reshape(-1, self.stack * d)
-        return self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+        return self.mlp(frames.reshape(-1, self.stack * d))
+
+    def mlp(self, stacked: Tensor) -> Tensor:
+        """[..., stack · d_audio] stacked frames → [..., d_model]."""
+        return self.fc2(nn.functional.gelu(self.fc1(self.norm(stacked))))
 
     def config(self) -> dict:
         return {
-            "type": "stack",
+            "type": self.kind,
             "d_audio": self.fc1.in_features // self.stack,
             "d_model": self.fc2.out_features,
             "stack": self.stack,
@@ -53,7 +58,7 @@ def ctc_keep(ids: Tensor, blank: int) -> Tensor:
     return torch.nonzero((ids != blank) & (ids != prev)).flatten()
 
 
-class CTCProjector(nn.Module):
+class CTCProjector(StackingProjector):
     """A CTC-guided projector: each stacked frame predicts a token of the LLM's own vocabulary (or a
     blank), and the LLM receives one embedding per predicted token, a probability-weighted mix of its
     own input-embedding rows.
@@ -69,14 +74,11 @@ class CTCProjector(nn.Module):
     no vocabulary-sized weight of its own.
     """
 
+    kind = "ctc"
+
     def __init__(self, d_audio: int, d_model: int, embedding: nn.Embedding, stack: int = 2,
                  d_hidden: int | None = None):
-        super().__init__()
-        self.stack = stack
-        d_hidden = d_hidden or d_model * 2
-        self.norm = nn.LayerNorm(d_audio * stack)
-        self.fc1 = nn.Linear(d_audio * stack, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_model)
+        super().__init__(d_audio, d_model, stack, d_hidden)
         self.blank = nn.Linear(d_model, 1)
         self._table = [embedding]  # a plain list: the LLM owns these weights, this module only reads them
 
@@ -89,13 +91,12 @@ class CTCProjector(nn.Module):
         """The blank's index in the logits: one past the LLM's vocabulary."""
         return self.embedding.num_embeddings
 
-    def n_frames(self, n: int) -> int:
-        return math.ceil(n / self.stack)
+    n_frames = StackingProjector.n_tokens
 
     def logits(self, frames: Tensor, lengths: Tensor | None = None, vocab_dtype: torch.dtype | None = None) -> Tensor:
         """[B, n, d_audio] (or [n, d_audio]) encoder frames → [B, ceil(n / stack), vocab + 1] CTC
         logits, the blank last. Padding frames beyond `lengths` are zeroed before stacking.
-        `vocab_dtype` (training): the vocabulary-sized product in that dtype — bf16 makes it 5× faster
+        `vocab_dtype` (training): the vocabulary-sized product in that dtype — bf16 makes it several times faster
         on a CPU with avx512_bf16, and it dominates the cost of a CTC step."""
         single = frames.dim() == 2
         if single:
@@ -107,7 +108,7 @@ class CTCProjector(nn.Module):
         pad = self.n_frames(n) * self.stack - n
         if pad:
             frames = torch.cat([frames, frames.new_zeros(B, pad, d)], 1)
-        h = self.fc2(nn.functional.gelu(self.fc1(self.norm(frames.reshape(B, -1, self.stack * d)))))
+        h = self.mlp(frames.reshape(B, -1, self.stack * d))
         vd = vocab_dtype or h.dtype
         vocab = (h.to(vd) @ self.embedding.weight.to(vd).T).to(h.dtype)
         out = torch.cat([vocab, self.blank(h)], -1)
@@ -121,12 +122,3 @@ class CTCProjector(nn.Module):
             keep = logits[:, :-1].max(-1).values.argmax().reshape(1)
         probs = logits[keep, :-1].softmax(-1)
         return probs @ self.embedding.weight.to(probs.dtype)
-
-    def config(self) -> dict:
-        return {
-            "type": "ctc",
-            "d_audio": self.fc1.in_features // self.stack,
-            "d_model": self.fc2.out_features,
-            "stack": self.stack,
-            "d_hidden": self.fc1.out_features,
-        }

@@ -314,10 +314,6 @@ def modality_advantages(speech_reward: Tensor, text_reward: Tensor, scale_std: b
     return adv[: Q * Gs].view(Q, Gs), adv[Q * Gs :].view(Q, Gt)
 
 
-def _lp_mask(scores) -> tuple[Tensor, Tensor]:
-    return scores.logprobs, scores.mask
-
-
 def _token_mask(token_ids: Sequence[Sequence[int]], width: int) -> Tensor:
     lengths = torch.tensor([len(t) for t in token_ids])
     return torch.arange(width)[None, :] < lengths[:, None]
@@ -633,7 +629,8 @@ class TarsTrainer:
             ref = None
             if cfg.method == "dpo":
                 with clock("score"), adapters_disabled(be):
-                    ref = sequence_logprob(*_lp_mask(be.score(prompt, comps, local)))
+                    ref_scores = be.score(prompt, comps, local)
+                    ref = sequence_logprob(ref_scores.logprobs, ref_scores.mask)
             be.train()
             with clock("score"):
                 sc = be.score(prompt, comps, local, grad=True, entropy=True)

@@ -46,7 +46,8 @@ class CTCConfig(Config):
     weight_decay: float = 0.01
     warmup_frac: float = 0.05
     grad_clip: float = 1.0
-    #: dtype of the vocabulary-sized product while training (bf16: 5× faster on a CPU with avx512_bf16);
+    #: dtype of the vocabulary-sized product while training (bf16: several times faster on a CPU with
+    #: avx512_bf16);
     #: validation and use run in the model's dtype.
     vocab_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     val_n: int = 64
