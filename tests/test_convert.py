@@ -196,6 +196,19 @@ def test_atomic_output_dir_replaces_or_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp / .old dirs left
 
 
+def test_atomic_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from tars.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+
+
 # ----------------------------------------------------------------------------------------------- SmolLM2
 
 

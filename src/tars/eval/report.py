@@ -82,7 +82,10 @@ def plot_training(rows: list[dict], title: str) -> bytes:
         ax.set_xlabel("step")
         ax.set_title(f"{title}: {panel}" + (f" (running mean of {k})" if k > 1 else ""), fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "every value is 0", transform=ax.transAxes, ha="center", fontsize=8)
     return figure_png(fig)
 
 

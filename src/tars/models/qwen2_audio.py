@@ -163,20 +163,25 @@ def _load_projector(path: Path, embedding: nn.Embedding) -> nn.Module:
     from safetensors.torch import load_file
 
     spec = json.loads((path / PROJECTOR_FILE).read_text())
+    weights = path / PROJECTOR_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UserError(f"{weights}: missing or corrupt projector weights ({str(e).splitlines()[0][:160]})") from None
+    return projector_from_spec(spec, state, embedding, str(path / PROJECTOR_FILE))
+
+
+def projector_from_spec(spec: dict, state: dict, embedding: nn.Embedding, where: str) -> nn.Module:
+    """A tars projector from its `config()` and weights; `where` names the source in errors."""
     kind = spec.get("type", "stack")
     if kind == "stack":
         proj = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
     elif kind == "ctc":
         proj = CTCProjector(spec["d_audio"], spec["d_model"], embedding, spec["stack"], spec["d_hidden"])
     else:
-        raise UserError(f"{path / PROJECTOR_FILE}: unknown projector type {kind!r} (expected 'stack' or 'ctc')")
-    weights = path / PROJECTOR_WEIGHTS
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UserError(f"{weights}: missing or corrupt projector weights ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{where}: unknown projector type {kind!r} (expected 'stack' or 'ctc')")
     try:
         proj.load_state_dict(state, strict=True)
     except RuntimeError:
-        raise UserError(f"{weights}: projector weights do not match {PROJECTOR_FILE}") from None
+        raise UserError(f"{where}: projector weights do not match its spec") from None
     return proj

