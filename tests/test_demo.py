@@ -41,6 +41,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     for png in sorted((out / "report").glob("*.png")):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in (out / "report").glob("*.png")} == {"training_tars.png", "layers_layers.png"}
+    assert list(json.loads((out / "layers" / "layers.json").read_text())["curves"]) == ["before", "after 1 TARS steps"]
     assert len(read_records(out / "data" / "heldout.jsonl")) == 3
     assert json.loads((out / "after" / "metrics.json").read_text())["datasets"]["heldout"]["speech"]["n"] == 3
     assert (out / "demo.yaml").exists() and (out / "tars" / "config.yaml").exists()

@@ -275,7 +275,7 @@ def demo_cmd(ctx: typer.Context) -> None:
 
     Unpacks the aligned mini model shipped with tars (cached), measures its speech/text gap on held-out
     questions, trains a short TARS run, measures again, compares the layers and writes a report. Extra
-    arguments are key=value overrides: out=runs/demo questions=48 steps=6 questions_per_step=2 rollouts=4.
+    arguments are key=value overrides: out=runs/demo questions=48 steps=8 questions_per_step=2 rollouts=4.
     Rerun to resume after a kill.
     """
     from tars.config import load_config

@@ -74,7 +74,8 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str) -> None:
 
 def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 100,
                completion: Literal["text_greedy", "gold"] = "text_greedy", batch_size: int = 8,
-               progress: bool = True) -> dict:
+               progress: bool = True, names: Sequence[str] | None = None) -> dict:
+    """`names`: the curves' labels (default: the model paths)."""
     from tars.data.bundled import resolve_data
     from tars.data.jsonl import read_records
     from tars.data.sources import spoken
@@ -88,13 +89,16 @@ def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 
         records, base = spoken(records)
     curves: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
-    for m in models:
+    if names is not None and len(names) != len(models):
+        raise ValueError("one name per model")
+    for i, m in enumerate(models):
+        label = names[i] if names else str(m)
         backend = load_backend(m)
         keep = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
         if not keep:
             raise UserError(f"{data}: every clip is longer than {m}'s {backend.max_audio_s:g} s encoder window")
-        curves[str(m)] = analyze_model(backend, keep, base, completion, batch_size, progress=progress)
-        counts[str(m)] = len(keep)
+        curves[label] = analyze_model(backend, keep, base, completion, batch_size, progress=progress)
+        counts[label] = len(keep)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"data": data, "n": counts, "completion": completion, "pooling": "mean", "curves": curves}

@@ -43,7 +43,7 @@ class DemoConfig(Config):
     pack: str | None = None
     #: Held-out questions evaluated before and after (each from speech and from text).
     questions: int = Field(48, ge=1, le=HELDOUT[0])
-    steps: int = Field(6, ge=1)
+    steps: int = Field(8, ge=1)
     questions_per_step: int = Field(2, ge=1)
     rollouts: int = Field(4, ge=1)
     max_new_tokens: int = Field(160, ge=1)
@@ -128,10 +128,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     after = run_eval(EvalConfig(model=trained, data=data, out=str(out / "after"),
                                 max_new_tokens=cfg.eval_max_new_tokens), progress=progress)
 
+    # Both models teacher-forced on the same tokens (each question's gold chain of thought), so the
+    # curves differ only by the model; it also skips a greedy generation per question and model.
     step("layer analysis, before and after")
     if not (out / "layers" / "layers.json").exists():
         run_layers([model, trained], str(out / "data" / "heldout.jsonl"), out / "layers", limit=cfg.questions,
-                   progress=progress)
+                   completion="gold", progress=progress, names=["before", f"after {cfg.steps} TARS steps"])
 
     step("report")
     report = build_report([out / "before", out / "after", out / "tars", out / "layers"], out / "report")
