@@ -57,6 +57,9 @@ def test_demo_bad_override_and_missing_pack_are_one_line_errors(tmp_path):
     assert r.returncode != 0 and "questions" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("demo", f"pack={tmp_path / 'none.safetensors'}", f"out={tmp_path / 'o'}")
     assert r.returncode != 0 and "stage pack not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+    r = run_cli("mini", "unpack", "--pack", tmp_path / "none.safetensors")
+    assert r.returncode == 2 and "stage pack not found" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("key", ["steps=0", "rollouts=0", "colour=red"])

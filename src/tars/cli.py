@@ -269,6 +269,22 @@ def mini_pack(
                f"{info['full']} whole; relative error of the update {info['relative_error']:.3f})")
 
 
+@mini_app.command("unpack")
+def mini_unpack(
+    pack: Optional[Path] = typer.Option(None, help="A stage pack (default: the one shipped with tars)."),
+) -> None:
+    """The aligned mini model as a model folder, $TARS_HOME/mini/demo (`--model mini:demo`), from a pack.
+
+    Builds mini:base first if needed; a second call with the same pack returns at once.
+    """
+    from tars.experiment.demo import PACK, demo_stage
+
+    pack = pack or PACK
+    if not pack.exists():
+        raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
+    typer.echo(f"aligned mini model ready at {demo_stage(pack, log=typer.echo)}")
+
+
 @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo_cmd(ctx: typer.Context) -> None:
     """The whole toolkit on the mini model in ~10 CPU-minutes: aligned stage → eval → TARS → eval → report.

@@ -93,10 +93,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     from tars.rl.tars import run as train
 
     out = Path(cfg.out)
-    save_config(cfg, out, "demo.yaml")
     pack = Path(cfg.pack) if cfg.pack else PACK
     if not pack.exists():
         raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
+    save_config(cfg, out, "demo.yaml")
     t0 = time.perf_counter()
 
     def step(name: str) -> None:
