@@ -50,6 +50,11 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     steps = (out / "tars" / "metrics.jsonl").read_text()
     demo.run_demo(cfg, log=lines.append, progress=False)
     assert (out / "tars" / "metrics.jsonl").read_text() == steps
+    # other settings in the same folder would silently mix two demos: refused, naming the setting
+    from tars.errors import UserError
+
+    with pytest.raises(UserError, match="questions=3 \\(now 4\\)"):
+        demo.run_demo(cfg.model_copy(update={"questions": 4}), log=lines.append, progress=False)
 
 
 def test_demo_bad_override_and_missing_pack_are_one_line_errors(tmp_path):

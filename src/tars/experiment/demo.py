@@ -27,7 +27,7 @@ from typing import Callable
 
 from pydantic import Field
 
-from tars.config import Config, save_config
+from tars.config import Config, load_config, save_config
 
 PACK = Path(__file__).resolve().parent.parent / "assets" / "mini_demo.safetensors"
 #: (n, seed) of the synthetic sets the mini stages trained on (configs/mini_sft*.yaml, mini_align*.yaml):
@@ -96,6 +96,13 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     pack = Path(cfg.pack) if cfg.pack else PACK
     if not pack.exists():
         raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
+    if (out / "demo.yaml").exists():  # resuming: every finished piece is reused, so it must be this demo's
+        old = load_config(DemoConfig, out / "demo.yaml")
+        changed = [k for k in DemoConfig.model_fields if getattr(old, k) != getattr(cfg, k)]
+        if changed:
+            k = changed[0]
+            raise UserError(f"{out} holds a demo made with {k}={getattr(old, k)} (now {getattr(cfg, k)}); "
+                            "pass another out=, or remove that folder")
     save_config(cfg, out, "demo.yaml")
     t0 = time.perf_counter()
 
