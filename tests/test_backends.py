@@ -212,6 +212,41 @@ def test_rows_that_stop_leave_the_batch_without_changing_any_answer(setup, monke
         assert one.truncated == both.truncated[2 * i:2 * i + 2]
 
 
+@pytest.mark.parametrize("modality", ["text", "speech"])
+def test_continuous_batching_gives_each_item_its_own_greedy_answer(setup, monkeypatch, modality):
+    """Rows that stop free their slot for the next prompt, whose KV cache joins the running one; every
+    answer equals that item's greedy answer generated alone, and the joins really happened."""
+    import tars.models.backend as backend_mod
+
+    backend, recs, d = setup
+    head = backend.lm_head()
+    items = [recs[i % 3] for i in range(7)]
+    joins = []
+    real_join = backend_mod._join_caches
+    monkeypatch.setattr(backend_mod, "_join_caches", lambda *a: joins.append(a[2].shape[1]) or real_join(*a))
+
+    def stream():
+        out = {}
+        for i, ids, trunc in backend.generate_stream(items, lambda rs: backend.build_inputs(rs, modality, base_dir=d),
+                                                     batch_size=3, max_new_tokens=10, refill=1):
+            assert i not in out
+            out[i] = (ids, trunc)
+        return out
+
+    for k in range(32):  # a stop rule under which rows end at different steps (see the test above)
+        monkeypatch.setattr(backend, "lm_head", lambda k=k: _StopWhen(head, backend.stop_token_ids[0], k))
+        joins.clear()
+        got = stream()
+        if joins and len({len(v[0]) for v in got.values()}) > 1:
+            break
+    else:
+        raise AssertionError("no stop rule makes rows end at different steps")
+    assert sorted(got) == list(range(7))
+    for i, r in enumerate(items):
+        one = backend.generate(backend.build_inputs([r], modality, base_dir=d), temperature=0.0, max_new_tokens=10)
+        assert got[i] == (one.token_ids[0], one.truncated[0]), i
+
+
 def test_sampling_is_reproducible_with_a_generator(setup):
     backend, recs, d = setup
     batch = backend.build_inputs(recs, "text")

@@ -110,32 +110,36 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                 from tars.eval.cascade import Transcriber
 
                 transcriber = Transcriber(backend.device)
+            transcripts: dict[str, str] = {}
+
+            def make_inputs(batch, mod=mod, base=base):
+                if mod == "cascade":
+                    heard = transcriber([Path(base) / r.audio for r in batch])
+                    transcripts.update({r.id: t for r, t in zip(batch, heard)})
+                    batch = [replace(r, extra={**r.extra, "transcript": t}) for r, t in zip(batch, heard)]
+                    return backend.build_inputs(batch, "transcript")
+                return backend.build_inputs(batch, mod, base_dir=base)
+
             t0 = time.perf_counter()
-            with tqdm(total=len(todo), desc=f"{name} {mod}", unit="q", disable=not progress) as bar:
-                for i in range(0, len(todo), cfg.batch_size):
-                    batch = todo[i : i + cfg.batch_size]
-                    if mod == "cascade":
-                        heard = transcriber([Path(base) / r.audio for r in batch])
-                        batch = [replace(r, extra={**r.extra, "transcript": t}) for r, t in zip(batch, heard)]
-                        inputs = backend.build_inputs(batch, "transcript")
-                    else:
-                        inputs = backend.build_inputs(batch, mod, base_dir=base)
-                    gen = backend.generate(inputs, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-                    new = [
-                        {"dataset": name, "modality": mod, "id": r.id, "subject": r.subject, "answer": r.answer,
+            # Continuous batching (Backend.generate_stream): a finished answer's slot takes the next
+            # question at once; answers are appended (and fsynced) as they finish, so a kill loses
+            # only the answers in flight.
+            stream = backend.generate_stream(todo, make_inputs, cfg.batch_size, cfg.max_new_tokens)
+            with tqdm(total=len(todo), desc=f"{name} {mod}", unit="q", disable=not progress) as bar, \
+                    open(preds, "a") as f:
+                for i, ids, trunc in stream:
+                    r = todo[i]
+                    text = backend.tokenizer.decode(ids, skip_special_tokens=True)
+                    x = {"dataset": name, "modality": mod, "id": r.id, "subject": r.subject, "answer": r.answer,
                          "pred": extract_choice(text, r.options), "format": format_score(text),
                          "n_options": len(r.options), "truncated": trunc, "n_tokens": len(ids), "completion": text}
-                        for r, text, trunc, ids in zip(batch, gen.texts, gen.truncated, gen.token_ids)
-                    ]
                     if mod == "cascade":
-                        for x, r in zip(new, batch):
-                            x["transcript"] = r.extra["transcript"]
-                    with open(preds, "a") as f:
-                        f.write("".join(json.dumps(x) + "\n" for x in new))
-                        f.flush()
-                        os.fsync(f.fileno())
-                    rows.extend(new)
-                    bar.update(len(batch))
+                        x["transcript"] = transcripts.pop(r.id)
+                    f.write(json.dumps(x) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    rows.append(x)
+                    bar.update(1)
             timing[f"{name}/{mod}"] = round(time.perf_counter() - t0, 1)
     wanted = {dataset_name(a) for a in cfg.data}
     left_out = {(ds, i) for ds, ids in excluded.items() for i in ids}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -326,6 +326,76 @@ class Backend(nn.Module):
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         return Generation(ids, texts, truncated, index.tolist())
 
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        items: Sequence,
+        make_inputs,
+        batch_size: int,
+        max_new_tokens: int = 256,
+        refill: int | None = None,
+    ) -> Iterator[tuple[int, list[int], bool]]:
+        """Greedy answers with continuous batching: yields `(item index, token ids, truncated)` as rows
+        finish, in finishing order.
+
+        A fixed batch decodes until its longest answer ends, its tail at a few rows; here a row that
+        stops frees its slot, and once `refill` slots (default a quarter of the batch) are free the next
+        prompts (`make_inputs(items[i:j])` → PromptBatch) are prefilled and their KV cache joins the
+        running one, left-padded to a common length under the attention mask. Each row's tokens are
+        those `generate(temperature=0)` would give it alone, up to padding round-off.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        refill = max(1, min(batch_size, refill or batch_size // 4))
+        dec, head = self.decoder(), self.lm_head()
+        stops = torch.tensor(self.stop_token_ids)
+        stop_set = set(self.stop_token_ids)
+        nxt_item = 0
+        rows: list[int] = []  # item index of each live row
+        toks: list[list[int]] = []
+        cache = mask = next_pos = last = None
+        while nxt_item < len(items) or rows:
+            free = batch_size - len(rows)
+            if nxt_item < len(items) and (free >= refill or not rows):
+                take = list(range(nxt_item, min(len(items), nxt_item + free)))
+                nxt_item = take[-1] + 1
+                inp = make_inputs([items[i] for i in take])
+                if max(inp.lengths) + max_new_tokens > self.max_positions:
+                    raise UserError(f"prompt ({max(inp.lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                    f"exceeds the model's context of {self.max_positions}")
+                pos = (inp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+                out = dec(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask,
+                          position_ids=self.positions(pos), use_cache=True)
+                new_last, new_pos = out.last_hidden_state[:, -1], pos[:, -1:] + 1
+                if cache is None:
+                    cache, mask, next_pos, last = out.cache, inp.attention_mask, new_pos, new_last
+                else:
+                    mask = _join_caches(cache, out.cache, mask, inp.attention_mask)
+                    next_pos, last = torch.cat([next_pos, new_pos]), torch.cat([last, new_last])
+                rows += take
+                toks += [[] for _ in take]
+            nxt = head(last).float().argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                toks[r].append(t)
+            stopped = torch.isin(nxt, stops.to(nxt.device))
+            done = [r for r in range(len(rows)) if bool(stopped[r]) or len(toks[r]) >= max_new_tokens]
+            for r in done:
+                yield rows[r], toks[r], toks[r][-1] not in stop_set
+            if done:
+                keep = [r for r in range(len(rows)) if r not in set(done)]
+                rows, toks = [rows[r] for r in keep], [toks[r] for r in keep]
+                if not rows:
+                    cache = mask = next_pos = last = None
+                    continue
+                idx = torch.tensor(keep, device=nxt.device)
+                cache.batch_select_indices(idx)
+                nxt, mask, next_pos = nxt[idx], mask[idx], next_pos[idx]
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
+            out = dec(inputs_embeds=self.embed_tokens(nxt[:, None]), attention_mask=mask,
+                      position_ids=self.positions(next_pos), cache=cache, use_cache=True)
+            cache, last = out.cache, out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+
     # ---- scoring --------------------------------------------------------------------------------
     def score(
         self,
@@ -431,6 +501,32 @@ def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _join_caches(cache, new, mask: Tensor, new_mask: Tensor) -> Tensor:
+    """Append `new`'s rows to `cache` in place and return the joined attention mask: the shorter side
+    is left-padded with zero keys/values that the mask hides (positions are tracked per row, so the
+    padding moves no token)."""
+    L, Ln = mask.shape[1], new_mask.shape[1]
+    T = max(L, Ln)
+    # Sliding-window layers (Phi-4's 262k window) join like full ones while nothing has slid out yet.
+    if len(cache.layers) != len(new.layers) or any(
+            getattr(l, "is_sliding", False) and T >= l.sliding_window - 1 for l in cache.layers):
+        raise NotImplementedError("continuous batching needs KV caches that still hold every token")
+
+    def pad(x: Tensor, n: int, dim: int) -> Tensor:
+        if n == 0:
+            return x
+        shape = list(x.shape)
+        shape[dim] = n
+        return torch.cat([x.new_zeros(shape), x], dim)
+
+    for a, b in zip(cache.layers, new.layers):
+        a.keys = torch.cat([pad(a.keys, T - L, -2), pad(b.keys, T - Ln, -2)])
+        a.values = torch.cat([pad(a.values, T - L, -2), pad(b.values, T - Ln, -2)])
+        if hasattr(a, "cumulative_length"):
+            a.cumulative_length = T
+    return torch.cat([pad(mask, T - L, 1), pad(new_mask, T - Ln, 1)])
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
