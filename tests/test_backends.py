@@ -215,15 +215,22 @@ def test_rows_that_stop_leave_the_batch_without_changing_any_answer(setup, monke
 @pytest.mark.parametrize("modality", ["text", "speech"])
 def test_continuous_batching_gives_each_item_its_own_greedy_answer(setup, monkeypatch, modality):
     """Rows that stop free their slot for the next prompt, whose KV cache joins the running one; every
-    answer equals that item's greedy answer generated alone, and the joins really happened."""
+    answer equals that item's greedy answer generated alone, and joins and cache trims really happened."""
     import tars.models.backend as backend_mod
 
     backend, recs, d = setup
     head = backend.lm_head()
     items = [recs[i % 3] for i in range(7)]
-    joins = []
-    real_join = backend_mod._join_caches
+    joins, trims = [], []
+    real_join, real_trim = backend_mod._join_caches, backend_mod._trim_cache
     monkeypatch.setattr(backend_mod, "_join_caches", lambda *a: joins.append(a[2].shape[1]) or real_join(*a))
+
+    def trim(cache, mask):
+        out = real_trim(cache, mask)
+        trims.append(mask.shape[1] - out.shape[1])
+        return out
+
+    monkeypatch.setattr(backend_mod, "_trim_cache", trim)
 
     def stream():
         out = {}
@@ -236,8 +243,9 @@ def test_continuous_batching_gives_each_item_its_own_greedy_answer(setup, monkey
     for k in range(32):  # a stop rule under which rows end at different steps (see the test above)
         monkeypatch.setattr(backend, "lm_head", lambda k=k: _StopWhen(head, backend.stop_token_ids[0], k))
         joins.clear()
+        trims.clear()
         got = stream()
-        if joins and len({len(v[0]) for v in got.values()}) > 1:
+        if joins and any(trims) and len({len(v[0]) for v in got.values()}) > 1:
             break
     else:
         raise AssertionError("no stop rule makes rows end at different steps")

@@ -84,6 +84,19 @@ def test_eval_runs_both_modalities_and_resumes(tmp_path):
     assert m2["datasets"] == m["datasets"]  # greedy decoding: the redone rows are the same
 
 
+def test_fixed_and_continuous_batches_give_the_same_answers(tmp_path):
+    model = tiny_qwen2_audio(tmp_path / "m")
+    data = write_jsonl(tmp_path / "q.jsonl", [good_row(i, question=f"Is {i} {'very ' * i}small?") for i in range(7)])
+    got = {}
+    for continuous in (True, False):
+        cfg = validate(EvalConfig, dict(model=str(model), data=[str(data)], out=str(tmp_path / f"e{continuous}"),
+                                        modalities=["text"], batch_size=3, max_new_tokens=5, continuous=continuous))
+        run_eval(cfg, progress=False)
+        rows = [json.loads(l) for l in (tmp_path / f"e{continuous}" / "predictions.jsonl").read_text().splitlines()]
+        got[continuous] = {r["id"]: r["completion"] for r in rows}
+    assert len(got[True]) == 7 and got[True] == got[False]
+
+
 @needs_espeak
 def test_cascade_answers_the_whisper_transcript(tmp_path, monkeypatch):
     import pytest

@@ -33,6 +33,9 @@ class EvalConfig(Config):
     #: `cascade`: Whisper tiny.en transcribes the clip, the LLM answers the transcript (eval/cascade.py).
     modalities: list[Literal["speech", "text", "cascade"]] = ["speech", "text"]
     batch_size: int = 16
+    #: Continuous batching (a finished answer's slot takes the next question); False = fixed batches
+    #: that decode until their longest answer ends.
+    continuous: bool = True
     max_new_tokens: int = 192
     limit: int | None = None
     voice_seed: int = 0
@@ -124,7 +127,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
             # Continuous batching (Backend.generate_stream): a finished answer's slot takes the next
             # question at once; answers are appended (and fsynced) as they finish, so a kill loses
             # only the answers in flight.
-            stream = backend.generate_stream(todo, make_inputs, cfg.batch_size, cfg.max_new_tokens)
+            if cfg.continuous:
+                stream = backend.generate_stream(todo, make_inputs, cfg.batch_size, cfg.max_new_tokens)
+            else:
+                stream = _fixed_batches(backend, todo, make_inputs, cfg.batch_size, cfg.max_new_tokens)
             with tqdm(total=len(todo), desc=f"{name} {mod}", unit="q", disable=not progress) as bar, \
                     open(preds, "a") as f:
                 for i, ids, trunc in stream:
@@ -150,6 +156,14 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     metrics["seconds"] = timing
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _fixed_batches(backend, items, make_inputs, batch_size: int, max_new_tokens: int):
+    """`generate_stream`'s contract with fixed batches: (item index, token ids, truncated)."""
+    for i in range(0, len(items), batch_size):
+        gen = backend.generate(make_inputs(items[i : i + batch_size]), temperature=0.0, max_new_tokens=max_new_tokens)
+        for j, (ids, trunc) in enumerate(zip(gen.token_ids, gen.truncated)):
+            yield i + j, ids, trunc
 
 
 def format_table(metrics: dict) -> str:

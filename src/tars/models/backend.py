@@ -389,7 +389,8 @@ class Backend(nn.Module):
                     continue
                 idx = torch.tensor(keep, device=nxt.device)
                 cache.batch_select_indices(idx)
-                nxt, mask, next_pos = nxt[idx], mask[idx], next_pos[idx]
+                nxt, next_pos = nxt[idx], next_pos[idx]
+                mask = _trim_cache(cache, mask[idx])
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
             out = dec(inputs_embeds=self.embed_tokens(nxt[:, None]), attention_mask=mask,
                       position_ids=self.positions(next_pos), cache=cache, use_cache=True)
@@ -501,6 +502,22 @@ def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _trim_cache(cache, mask: Tensor) -> Tensor:
+    """Drop the leading cache columns that every remaining row masks out, and return the trimmed mask.
+
+    Without this a stream's cache only grows: each join pads the newcomers to the running length, the
+    running length gains one column per decoding step for the whole stream, and attention cost with it.
+    """
+    start = int(mask.any(0).nonzero()[0]) if bool(mask.any()) else 0
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = layer.keys.shape[-2]
+    return mask[:, start:]
 
 
 def _join_caches(cache, new, mask: Tensor, new_mask: Tensor) -> Tensor:
