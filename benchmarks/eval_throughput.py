@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--model", default="mini:ctc/model")
     ap.add_argument("--data", default="runs/heldout.jsonl")
     ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32, help="slots (tars eval's default)")
     ap.add_argument("--modality", default="text", choices=["text", "speech"])
     ap.add_argument("--max-new-tokens", type=int, default=192)
     args = ap.parse_args()

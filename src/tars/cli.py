@@ -328,7 +328,10 @@ def eval_cmd(
     modality: list[str] = typer.Option(["speech", "text"], "--modality",
                                        help="speech, text and/or cascade (Whisper tiny.en transcript → the LLM); repeatable."),
     limit: Optional[int] = typer.Option(None, help="Only the first N questions of each file."),
-    batch_size: int = typer.Option(16, help="Questions decoded together (sorted by length)."),
+    batch_size: int = typer.Option(32, help="Questions decoded together (sorted by length; a finished answer's "
+                                            "slot takes the next question)."),
+    fixed_batches: bool = typer.Option(False, "--fixed-batches",
+                                       help="Decode fixed batches to their longest answer instead of refilling slots."),
     max_new_tokens: int = typer.Option(192, help="Longest answer; longer ones are cut and flagged `truncated`."),
     backbone_text: Optional[str] = typer.Option(
         None, help="For MRR: the original text backbone's average text accuracy (%), or an earlier eval folder."),
@@ -344,7 +347,8 @@ def eval_cmd(
 
     backbone = backbone_text_accuracy(backbone_text) if backbone_text is not None else None
     cfg = validate(EvalConfig, dict(model=model, data=data, out=str(out), modalities=modality, limit=limit,
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens, backbone_text=backbone),
+                                    batch_size=batch_size, continuous=not fixed_batches,
+                                    max_new_tokens=max_new_tokens, backbone_text=backbone),
                    "tars eval")
     metrics = run_eval(cfg)
     typer.echo(format_table(metrics))

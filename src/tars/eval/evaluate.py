@@ -32,7 +32,9 @@ class EvalConfig(Config):
     out: str
     #: `cascade`: Whisper tiny.en transcribes the clip, the LLM answers the transcript (eval/cascade.py).
     modalities: list[Literal["speech", "text", "cascade"]] = ["speech", "text"]
-    batch_size: int = 16
+    #: 32: the mini model's batched/one-at-a-time ratio passes 6x there on 2 CPU cores, not at 16
+    #: (docs/performance.md); GPUs want more.
+    batch_size: int = 32
     #: Continuous batching (a finished answer's slot takes the next question); False = fixed batches
     #: that decode until their longest answer ends.
     continuous: bool = True
