@@ -277,12 +277,9 @@ def mini_unpack(
 
     Builds mini:base first if needed; a second call with the same pack returns at once.
     """
-    from tars.experiment.demo import PACK, demo_stage
+    from tars.experiment.demo import demo_stage, find_pack
 
-    pack = pack or PACK
-    if not pack.exists():
-        raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
-    typer.echo(f"aligned mini model ready at {demo_stage(pack, log=typer.echo)}")
+    typer.echo(f"aligned mini model ready at {demo_stage(find_pack(pack), log=typer.echo)}")
 
 
 @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

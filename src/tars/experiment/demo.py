@@ -53,6 +53,16 @@ class DemoConfig(Config):
     seed: int = 0
 
 
+def find_pack(pack: str | Path | None) -> Path:
+    """`pack`, or the one shipped with tars; a one-line error when it is not there."""
+    from tars.errors import UserError
+
+    path = Path(pack) if pack else PACK
+    if not path.exists():
+        raise UserError(f"{path}: stage pack not found (make one with `tars mini pack`)")
+    return path
+
+
 def demo_questions(n_heldout: int, n_train: int):
     """The docs' held-out set and RL training set, regenerated: (held-out[:n_heldout], train[:n_train])."""
     from tars.data.families import FAMILIES, make_excluding, make_mixture
@@ -93,9 +103,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     from tars.rl.tars import run as train
 
     out = Path(cfg.out)
-    pack = Path(cfg.pack) if cfg.pack else PACK
-    if not pack.exists():
-        raise UserError(f"{pack}: stage pack not found (make one with `tars mini pack`)")
+    pack = find_pack(cfg.pack)
     if (out / "demo.yaml").exists():  # resuming: every finished piece is reused, so it must be this demo's
         old = load_config(DemoConfig, out / "demo.yaml")
         changed = [k for k in DemoConfig.model_fields if getattr(old, k) != getattr(cfg, k)]

@@ -240,6 +240,16 @@ class Backend(nn.Module):
         return PromptBatch(embeds, mask, lengths, modality, [r.id for r in records])
 
     # ---- generation -----------------------------------------------------------------------------
+    def _check_room(self, inputs: PromptBatch, max_new_tokens: int) -> None:
+        """The longest prompt plus `max_new_tokens` must fit the model's context."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if max(inputs.lengths) + max_new_tokens > self.max_positions:
+            raise UserError(
+                f"prompt ({max(inputs.lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {self.max_positions}"
+            )
+
     @torch.no_grad()
     def generate(
         self,
@@ -263,14 +273,7 @@ class Backend(nn.Module):
         when a uniform falls that close to a CDF boundary). Otherwise `generator`
         drives one multinomial draw per step for the whole batch.
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        longest = max(inputs.lengths) + max_new_tokens
-        if longest > self.max_positions:
-            raise UserError(
-                f"prompt ({max(inputs.lengths)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {self.max_positions}"
-            )
+        self._check_room(inputs, max_new_tokens)
         index = torch.arange(len(inputs), device=inputs.embeds.device).repeat_interleave(num_samples)
         embeds = inputs.embeds.index_select(0, index)
         mask = inputs.attention_mask.index_select(0, index)
@@ -344,11 +347,9 @@ class Backend(nn.Module):
         running one, left-padded to a common length under the attention mask. Each row's tokens are
         those `generate(temperature=0)` would give it alone, up to padding round-off.
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
         refill = max(1, min(batch_size, refill or batch_size // 4))
         dec, head = self.decoder(), self.lm_head()
-        stops = torch.tensor(self.stop_token_ids)
+        stops = torch.tensor(self.stop_token_ids, device=self.device)
         stop_set = set(self.stop_token_ids)
         nxt_item = 0
         rows: list[int] = []  # item index of each live row
@@ -360,9 +361,7 @@ class Backend(nn.Module):
                 take = list(range(nxt_item, min(len(items), nxt_item + free)))
                 nxt_item = take[-1] + 1
                 inp = make_inputs([items[i] for i in take])
-                if max(inp.lengths) + max_new_tokens > self.max_positions:
-                    raise UserError(f"prompt ({max(inp.lengths)} tokens) + max_new_tokens ({max_new_tokens}) "
-                                    f"exceeds the model's context of {self.max_positions}")
+                self._check_room(inp, max_new_tokens)
                 pos = (inp.attention_mask.cumsum(-1) - 1).clamp(min=0)
                 out = dec(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask,
                           position_ids=self.positions(pos), use_cache=True)
@@ -377,12 +376,13 @@ class Backend(nn.Module):
             nxt = head(last).float().argmax(-1)
             for r, t in enumerate(nxt.tolist()):
                 toks[r].append(t)
-            stopped = torch.isin(nxt, stops.to(nxt.device))
-            done = [r for r in range(len(rows)) if bool(stopped[r]) or len(toks[r]) >= max_new_tokens]
+            stopped = torch.isin(nxt, stops).tolist()
+            done = [r for r in range(len(rows)) if stopped[r] or len(toks[r]) >= max_new_tokens]
             for r in done:
                 yield rows[r], toks[r], toks[r][-1] not in stop_set
             if done:
-                keep = [r for r in range(len(rows)) if r not in set(done)]
+                gone = set(done)
+                keep = [r for r in range(len(rows)) if r not in gone]
                 rows, toks = [rows[r] for r in keep], [toks[r] for r in keep]
                 if not rows:
                     cache = mask = next_pos = last = None
