@@ -2,6 +2,10 @@
 the model, one forward for log-probs and hidden states, the asymmetry, micro-batching, KL, resume."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,41 +340,102 @@ def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_pro
         assert calls[0]["completions"] == grad_calls[0]["completions"]  # the reference scores the same pairs
 
 
-@needs_espeak
-def test_two_processes_give_the_same_loss_and_update_as_one(tiny, tmp_path):
-    """`accelerate launch --num_processes 2` on CPU (gloo): each process takes 2 of the step's 4
-    questions; the losses, metrics and LoRA weights after 2 steps equal a 1-process run's.
+WORKER = Path(__file__).parent / "dist_worker.py"
 
-    accelerate's `--cpu` path starts several processes only through MPI; its torchrun launcher
-    (`--multi_gpu`, what configs/accelerate/ddp.yaml selects) on a machine without GPUs starts CPU
-    processes that meet over gloo — the same code path as on GPUs, NCCL aside."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    worker = Path(__file__).parent / "dist_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TARS_HOME": str(tmp_path / "home")}
-    one = subprocess.run([sys.executable, str(worker), str(tiny), str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    ddp = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ddp),
-                          "--num_processes", "2", str(worker), str(tiny), str(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "world 2" in two.stdout
-    ra = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+def _worker(tiny, home, out, *overrides, launch=None, env=None):
+    """dist_worker.py alone, or under `accelerate launch --config_file configs/accelerate/<launch>.yaml`.
+
+    accelerate's `--cpu` path starts several processes only through MPI; the launchers the shipped
+    files select (torchrun for ddp and fsdp, DeepSpeed's for zero2) on a machine without GPUs start CPU
+    processes that meet over gloo — the same code paths as on GPUs, NCCL aside."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TARS_HOME": str(home), **(env or {})}
+    cmd = [sys.executable, str(WORKER), str(tiny), str(out), *overrides]
+    if launch:
+        cfg = Path(__file__).parents[1] / "configs" / "accelerate" / f"{launch}.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", "2",
+               *cmd[1:]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _same_run(a, b):
+    ra = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
     assert len(ra) == len(rb) == 2 and any(r["loss"] != 0 for r in ra)
     for x, y in zip(ra, rb):
+        assert set(x) == set(y)
         for k in x:
             if not k.startswith("time/"):
                 assert x[k] == pytest.approx(y[k], abs=1e-5), k
-    a, b = lora_of(tmp_path / "one" / "adapter"), lora_of(tmp_path / "two" / "adapter")
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    wa, wb = lora_of(a / "adapter"), lora_of(b / "adapter")
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory):
+    """The 1-process run of each method (made once), merged model saved."""
+    runs = {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"one_{method}") / "run"
+            assert "world 1" in _worker(tiny, out.parent / "home", out, f"method={method}", "save_merged=true")
+            runs[method] = out
+        return runs[method]
+
+    return get
+
+
+@needs_espeak
+@pytest.mark.parametrize("launch,method", [("ddp", "tars"), ("fsdp", "tars"), ("zero2", "tars"), ("fsdp", "dpo"),
+                                           ("zero2", "sft")])
+def test_two_processes_give_the_same_loss_and_update_as_one(tiny, one_process, tmp_path, launch, method):
+    """Each process takes 2 or 1 of the step's 3 questions, in micro-batches of one; the losses,
+    metrics and LoRA weights after 2 steps equal a 1-process run's, for every shipped launcher file
+    (and the imitation baselines, whose target counts differ between processes). FSDP's merged model
+    (rebuilt from the adapter, its blocks being sharded) equals the 1-process one."""
+    out = tmp_path / "two"
+    stdout = _worker(tiny, tmp_path / "home", out, f"method={method}", f"save_merged={launch == 'fsdp'}",
+                     launch=launch)
+    assert "world 2" in stdout and f"parallel: {launch}" in stdout
+    _same_run(one_process(method), out)
+    if launch == "fsdp":
+        from safetensors.torch import load_file
+
+        [a], [b] = (sorted((d / "model").glob("*.safetensors")) for d in (one_process(method), out))
+        wa, wb = load_file(a), load_file(b)
+        assert set(wa) == set(wb) and not any("lora" in k for k in wb)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+
+
+@needs_espeak
+def test_zero2_resumes_from_every_process_optimizer_partition(tiny, one_process, tmp_path):
+    """A ZeRO-2 checkpoint holds each process's optimizer partition; a 2-process run stopped right after
+    its step-1 checkpoint and started again ends where the uninterrupted 1-process run does."""
+    out = tmp_path / "two"
+    _worker(tiny, tmp_path / "home", out, "save_every=1", launch="zero2", env={"TARS_TEST_EXIT_AFTER_CHECKPOINT": "1"})
+    assert not (out / "DONE").exists()
+    [ck] = (out / "checkpoints").glob("step-*.pt")
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    assert state["step"] == 1 and state["optimizer_layout"] == "zero2 x2" and len(state["opt"]) == 2
+    assert "resuming" in _worker(tiny, tmp_path / "home", out, "save_every=1", launch="zero2")
+    _same_run(one_process("tars"), out)
+
+
+@needs_espeak
+def test_a_checkpoint_resumes_only_under_its_optimizer_layout(tiny, tmp_path):
+    """A ddp / fsdp checkpoint holds the whole optimizer, a ZeRO-2 one partitions: mixing them is an error."""
+    tr, _, _ = trainer(tiny, tmp_path)
+    state = tr.state_dict()
+    assert state["optimizer_layout"] == "whole"
+    tr.load_state_dict(state)
+    with pytest.raises(UserError, match="zero2 x2.*parallel setting"):
+        tr.load_state_dict({**state, "optimizer_layout": "zero2 x2"})
 
 
 @needs_espeak

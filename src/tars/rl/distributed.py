@@ -4,10 +4,8 @@ logged metrics.
 
 Started by `accelerate launch` (any of `configs/accelerate/*.yaml`) or torchrun: accelerate's
 `PartialState` reads the launcher's environment and opens the process group (gloo on CPU, NCCL on
-GPUs). Only LoRA weights train, so a gradient all-reduce (a sum, the loss being normalised by the
-whole step's token count) is all DDP would do; doing it by hand keeps the loop's per-micro-batch
-backward calls free of DDP's "same number of backward calls on every rank" rule, which the
-imitation baselines (a question may have no target) would break.
+GPUs). How the processes hold the weights and the optimizer (ddp / fsdp / zero2) is
+`rl/strategies.py`; this file is what all three share.
 
 Equivalence with one process holds when every random draw is per question, not per batch: rollouts
 are sampled with per-row seeds (`Backend.generate(row_seeds=…)`), references are drawn per question.
@@ -55,6 +53,13 @@ class Group:
         t = torch.tensor([value], dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
         return float(t)
+
+    def max(self, value: int) -> int:
+        if not self.on:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
 
     def sum_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Sum each parameter's gradient over processes (a missing one counts as zero), in place."""

@@ -75,6 +75,8 @@ from tars.rl.advantages import SPEECH, TEXT, group_advantages
 from tars.rl.distributed import Group
 from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, sft_targets
 from tars.rl.losses import clipped_surrogate, loss_normalizer
+from tars.rl.strategies import Parallel
+from tars.rl.strategies import make as make_strategy
 
 Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh", "sft", "dpo"]
 #: The imitation baselines (`rl/imitation.py`): a fixed target sequence instead of a policy gradient.
@@ -155,6 +157,9 @@ class TarsConfig(Config):
     #: None = $TARS_DEVICE, else cuda when available, else cpu.
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: How several processes share model and optimizer (rl/strategies.py): ddp | fsdp | zero2;
+    #: auto = what the `accelerate launch` config chose (ddp under torchrun). One process: ignored.
+    parallel: Parallel = "auto"
 
     @field_validator("layers")
     @classmethod
@@ -405,11 +410,18 @@ class TarsTrainer:
             return {"constant": 1.0, "linear": left, "cosine": 0.5 * (1 - math.cos(math.pi * left))}[cfg.schedule]
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.parallel = make_strategy(cfg.parallel, self.group)
+        self.parallel.prepare(backend, self.params, self.opt, cfg.grad_clip)
         self.last: StepRecord | None = None
 
-    def _micro_batches(self, n_questions: int) -> list[list[int]]:
+    def _micro_batches(self, n_questions: int) -> list[tuple[list[int], bool]]:
+        """(questions, counts) per micro-batch. Under a lockstep strategy every process runs as many
+        micro-batches as the busiest one: the extra ones repeat this process's last with
+        `counts` False (weight zero, nothing logged)."""
         size = self.cfg.micro_batch_questions or n_questions
-        return [list(range(i, min(i + size, n_questions))) for i in range(0, n_questions, size)]
+        mbs = [list(range(i, min(i + size, n_questions))) for i in range(0, n_questions, size)]
+        n = self.group.max(len(mbs)) if self.parallel.lockstep else len(mbs)
+        return [(qs, True) for qs in mbs] + [(mbs[-1], False)] * (n - len(mbs))
 
     def _base_rewards(self, texts: list[str], batch: Sequence[Record], G: int) -> tuple[Tensor, Tensor, Tensor]:
         """R_acc, R_fmt and R_base = R_acc + λ·R_fmt, [Q, G] (rows prompt-major, as generated)."""
@@ -442,7 +454,7 @@ class TarsTrainer:
         # 1. Paired rollouts: G_s completions from the speech prompt (the audio carries question and
         #    options), G_t from the text prompt, sampled by the current policy (no dropout, no grad).
         be.eval()
-        with clock("generate"), torch.no_grad():
+        with clock("generate"), torch.no_grad(), self.parallel.gathered():
             prompts = {"speech": be.build_inputs(batch, "speech", base_dir=base_dir),
                        "text": be.build_inputs(batch, "text")}
             speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
@@ -480,7 +492,8 @@ class TarsTrainer:
         no_reference = (acc_t.sum(1) == 0).float()
         loss_total, clipped, kl, kept_tokens = 0.0, 0.0, 0.0, 0.0
         entropy = {"speech": [0.0, 0.0], "text": [0.0, 0.0]}  # Σ entropy, Σ tokens over kept tokens
-        for qs in self._micro_batches(Q):
+        plan = self._micro_batches(Q)
+        for i, (qs, counts) in enumerate(plan):
             rows_s = [q * Gs + g for q in qs for g in range(Gs)]
             rows_t = [q * Gt + g for q in qs for g in range(Gt)]
             comp_s, comp_t = [speech.token_ids[r] for r in rows_s], [text.token_ids[r] for r in rows_t]
@@ -504,6 +517,10 @@ class TarsTrainer:
                 s = be.score(prompt_s, comp_s, local_s, self.layers, grad=True, entropy=True)
                 t = be.score(prompt_t, comp_t, local_t, self.layers, grad=True, entropy=True)
             be.eval()
+            if not counts:  # a lockstep stand-in: the same forwards and backward, weight zero
+                with clock("update"):
+                    self.parallel.backward((s.logprobs.sum() + t.logprobs.sum()) * 0.0, last=i == len(plan) - 1)
+                continue
             for name, sc, keep in (("speech", s, keep_s[rows_s]), ("text", t, keep_t[rows_t])):
                 m = sc.mask & keep[:, None]
                 entropy[name][0] += float((sc.entropy * m).sum())
@@ -547,15 +564,14 @@ class TarsTrainer:
                     kept_tokens += n_tok
                     clipped += float(stats["clip_fraction"]) * n_tok
                     kl += float(stats.get("kl", 0.0)) * n_tok
-                loss.backward()
+                self.parallel.backward(loss, last=i == len(plan) - 1)
                 loss_total += float(loss.detach())
 
+        # The update: gradients summed over processes (their losses share one normaliser), clipped.
         with clock("update"):
-            group.sum_grads(self.params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-            self.opt.step()
+            grad_norm = self.parallel.step()
             self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            self.parallel.zero_grad()
 
         # This process's rows, for inspection; then the metrics over the whole step: every process's
         # questions, sums over every process's tokens.
@@ -621,10 +637,18 @@ class TarsTrainer:
         loss_total, entropy, n_tok, margins, right = 0.0, 0.0, 0.0, [], []
         qs_all = sorted(targets)
         size = cfg.micro_batch_questions or max(1, len(qs_all))
-        for i in range(0, len(qs_all), size):
-            qs = qs_all[i : i + size]
-            comps = [c for q in qs for c in targets[q]]
-            local = [j for j, q in enumerate(qs) for _ in targets[q]]
+        plan = [(qs_all[i : i + size], True) for i in range(0, len(qs_all), size)]
+        # Lockstep (see `_micro_batches`): the stand-ins repeat the last micro-batch, or, on a process
+        # with no target at all, score its first speech rollout in the target's place.
+        n = group.max(len(plan)) if self.parallel.lockstep else len(plan)
+        plan += [(plan[-1][0] if plan else [0], False)] * (n - len(plan))
+
+        def seqs(q: int) -> list[list[int]]:
+            return targets.get(q) or [speech.token_ids[q * Gs]] * (1 if cfg.method == "sft" else 2)
+
+        for i, (qs, counts) in enumerate(plan):
+            comps = [c for q in qs for c in seqs(q)]
+            local = [j for j, q in enumerate(qs) for _ in seqs(q)]
             prompt = prompts["speech"].select(qs)
             ref = None
             if cfg.method == "dpo":
@@ -635,6 +659,10 @@ class TarsTrainer:
             with clock("score"):
                 sc = be.score(prompt, comps, local, grad=True, entropy=True)
             be.eval()
+            if not counts:
+                with clock("update"):
+                    self.parallel.backward(sc.logprobs.sum() * 0.0, last=i == len(plan) - 1)
+                continue
             entropy += float((sc.entropy * sc.mask).sum())
             n_tok += float(sc.mask.sum())
             with clock("update"):
@@ -645,16 +673,13 @@ class TarsTrainer:
                     loss, stats = dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], cfg.dpo_beta, normalizer)
                     margins.append(float(stats["margin"]) * len(qs))
                     right.append(float(stats["pair_accuracy"]) * len(qs))
-                loss.backward()
+                self.parallel.backward(loss, last=i == len(plan) - 1)
                 loss_total += float(loss.detach())
         n_targets = group.sum(float(len(targets)))
         with clock("update"):
-            group.sum_grads(self.params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)) if n_targets else 0.0
-            if n_targets:
-                self.opt.step()
+            grad_norm = self.parallel.step() if n_targets else 0.0
             self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            self.parallel.zero_grad()
         # `imitation/*`: over the target sequences (text chains of thought; for DPO also the rejected
         # speech rollouts) scored under the speech prompt — not comparable with the GRPO methods'
         # rollout entropy, hence their own keys.
@@ -668,11 +693,17 @@ class TarsTrainer:
 
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Every process calls it (zero2 gathers its optimizer partitions); the main one saves it."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"lora": {k: v.detach().cpu().clone() for k, v in self.lora.items()},
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": rng}
+                "opt": self.parallel.optimizer_state(), "sched": self.sched.state_dict(), "rng": rng,
+                "optimizer_layout": self._optimizer_layout()}
+
+    def _optimizer_layout(self) -> str:
+        # ddp and fsdp keep the same whole optimizer; ZeRO's is partitioned per process.
+        return f"zero2 x{self.group.world}" if self.parallel.name == "zero2" else "whole"
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["lora"]) != set(self.lora):
@@ -680,7 +711,11 @@ class TarsTrainer:
         with torch.no_grad():
             for k, p in self.lora.items():
                 p.copy_(state["lora"][k])
-        self.opt.load_state_dict(state["opt"])
+        saved = state.get("optimizer_layout", "whole")
+        if saved != self._optimizer_layout():
+            raise UserError(f"checkpoint optimizer is laid out as {saved!r}, this run as {self._optimizer_layout()!r}: "
+                            "resume with the parallel setting and process count it was saved with")
+        self.parallel.load_optimizer_state(state["opt"])
         self.sched.load_state_dict(state["sched"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -735,6 +770,8 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
         raise UserError(f"config: questions_per_step: a step of {smallest} question(s) cannot be shared by "
                         f"{group.world} processes (use at least {group.world}, and a data size whose last batch is too)")
     trainer = TarsTrainer(cfg, total, backend=backend, group=group)
+    if group.on and group.main:
+        print(f"{group.world} processes, parallel: {trainer.parallel.name}")
     start = _resume(out, trainer)
     group.barrier()  # every process has read the checkpoint before the main one may replace it
     log = MetricsLog(out, start, tensorboard=cfg.tensorboard) if group.main else None
@@ -747,7 +784,7 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
         bar.set_postfix(acc_s=f"{row['speech/acc']:.2f}", acc_t=f"{row['text/acc']:.2f}",
                         loss=f"{row['loss']:.3f}")
         bar.update(1)
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total and group.main:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             _save_checkpoint(out, step + 1, trainer, cfg.keep_last)
     bar.close()
     if log is not None:
@@ -756,6 +793,11 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     if group.main:
         save_adapter(backend, out / "adapter", cfg, total)
         if cfg.save_merged:
+            if trainer.parallel.name == "fsdp":
+                # This process holds only its shard of the blocks: merge into a whole copy instead.
+                device, dtype = backend.device, backend.dtype
+                del trainer, backend
+                backend = load_adapter(out / "adapter", device=device, dtype=dtype)
             merge_lora(backend)
             backend.save_pretrained(out / "model")
         # DONE before the checkpoints go: a kill in between must not restart the run from step 0.
@@ -766,8 +808,11 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
 
 
 def _save_checkpoint(out: Path, step: int, trainer: TarsTrainer, keep_last: int) -> None:
+    state = trainer.state_dict()  # on every process: zero2 gathers its partitions
+    if not trainer.group.main:
+        return
     buf = io.BytesIO()
-    torch.save({"step": step, **trainer.state_dict()}, buf)
+    torch.save({"step": step, **state}, buf)
     folder = out / "checkpoints"
     atomic_write_bytes(folder / f"step-{step:07d}.pt", buf.getvalue())
     for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
