@@ -3,6 +3,7 @@ the model, one forward for log-probs and hidden states, the asymmetry, micro-bat
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -402,6 +403,8 @@ def test_two_processes_give_the_same_loss_and_update_as_one(tiny, one_process, t
     stdout = _worker(tiny, tmp_path / "home", out, f"method={method}", f"save_merged={launch == 'fsdp'}",
                      launch=launch)
     assert "world 2" in stdout and f"parallel: {launch}" in stdout
+    here, whole = (float(x.replace(",", "")) for x in re.search(r"held by this process: ([\d.,]+) of ([\d.,]+) MiB", stdout).groups())
+    assert here < 0.75 * whole if launch == "fsdp" else here == whole  # fsdp: half of every block
     _same_run(one_process(method), out)
     if launch == "fsdp":
         from safetensors.torch import load_file

@@ -160,6 +160,17 @@ class Zero2(DDP):
         self.zero.load_state_dict(state, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+def weight_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this process holds, bytes of the whole model's): what fsdp saves."""
+    from torch.distributed.tensor import DTensor
+
+    here = whole = 0
+    for p in module.parameters():
+        whole += p.numel() * p.element_size()
+        here += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+    return here, whole
+
+
 def make(choice: str, group: Group) -> DDP:
     """The strategy for `parallel` = `choice`; one process always runs ddp's plain path."""
     if not group.on:

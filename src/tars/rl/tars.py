@@ -77,6 +77,7 @@ from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, s
 from tars.rl.losses import clipped_surrogate, loss_normalizer
 from tars.rl.strategies import Parallel
 from tars.rl.strategies import make as make_strategy
+from tars.rl.strategies import weight_bytes
 
 Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh", "sft", "dpo"]
 #: The imitation baselines (`rl/imitation.py`): a fixed target sequence instead of a policy gradient.
@@ -771,7 +772,9 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
                         f"{group.world} processes (use at least {group.world}, and a data size whose last batch is too)")
     trainer = TarsTrainer(cfg, total, backend=backend, group=group)
     if group.on and group.main:
-        print(f"{group.world} processes, parallel: {trainer.parallel.name}")
+        here, whole = weight_bytes(backend)
+        print(f"{group.world} processes, parallel: {trainer.parallel.name}; weights held by this process: "
+              f"{here / 2**20:,.1f} of {whole / 2**20:,.1f} MiB")
     start = _resume(out, trainer)
     group.barrier()  # every process has read the checkpoint before the main one may replace it
     log = MetricsLog(out, start, tensorboard=cfg.tensorboard) if group.main else None
