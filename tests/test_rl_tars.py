@@ -417,16 +417,22 @@ def test_two_processes_give_the_same_loss_and_update_as_one(tiny, one_process, t
 
 
 @needs_espeak
-def test_zero2_resumes_from_every_process_optimizer_partition(tiny, one_process, tmp_path):
-    """A ZeRO-2 checkpoint holds each process's optimizer partition; a 2-process run stopped right after
-    its step-1 checkpoint and started again ends where the uninterrupted 1-process run does."""
+@pytest.mark.parametrize("launch", ["fsdp", "zero2"])
+def test_a_two_process_run_stopped_after_a_checkpoint_resumes_to_the_same_end(tiny, one_process, tmp_path, launch):
+    """A 2-process run stopped right after its step-1 checkpoint and started again ends where the
+    uninterrupted 1-process run does. A ZeRO-2 checkpoint holds each process's optimizer partition;
+    an fsdp one the whole optimizer (the LoRA is not sharded)."""
     out = tmp_path / "two"
-    _worker(tiny, tmp_path / "home", out, "save_every=1", launch="zero2", env={"TARS_TEST_EXIT_AFTER_CHECKPOINT": "1"})
+    _worker(tiny, tmp_path / "home", out, "save_every=1", launch=launch, env={"TARS_TEST_EXIT_AFTER_CHECKPOINT": "1"})
     assert not (out / "DONE").exists()
     [ck] = (out / "checkpoints").glob("step-*.pt")
     state = torch.load(ck, map_location="cpu", weights_only=False)
-    assert state["step"] == 1 and state["optimizer_layout"] == "zero2 x2" and len(state["opt"]) == 2
-    assert "resuming" in _worker(tiny, tmp_path / "home", out, "save_every=1", launch="zero2")
+    assert state["step"] == 1
+    if launch == "zero2":
+        assert state["optimizer_layout"] == "zero2 x2" and len(state["opt"]) == 2
+    else:
+        assert state["optimizer_layout"] == "whole" and state["opt"]["state"]
+    assert "resuming" in _worker(tiny, tmp_path / "home", out, "save_every=1", launch=launch)
     _same_run(one_process("tars"), out)
 
 
