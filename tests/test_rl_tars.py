@@ -453,3 +453,20 @@ def test_imitation_runs_end_to_end(tiny, tmp_path, lively, method):
     run(cfg(tiny, tmp_path / "run", method=method, steps=2, speech_rollouts=3, text_rollouts=3), progress=True)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and (tmp_path / "run" / "DONE").exists()
+
+
+def test_the_strategy_follows_the_accelerate_launch_file(monkeypatch):
+    from tars.rl.strategies import launcher_choice
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_choice() == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert launcher_choice() == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert launcher_choice() == "zero2"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(UserError, match="ZeRO stage 3 is not supported.*fsdp.yaml"):
+        launcher_choice()
