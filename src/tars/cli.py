@@ -303,7 +303,8 @@ def train_cmd(
     config: Path = typer.Option(..., "--config", help=CONFIG_HELP + " e.g. configs/mini.yaml"),
 ) -> None:
     """RL with paired speech/text rollouts: TARS, its ablations (method=grpo|grpo_rep|grpo_beh), or the
-    sft / dpo baselines. Under `accelerate launch` each process takes its share of every step.
+    sft / dpo baselines. Under `accelerate launch --config_file configs/accelerate/{ddp,fsdp,zero2}.yaml`
+    each process takes its share of every step; the file picks how weights and optimizer are shared.
 
     Extra arguments are key=value overrides (method=grpo layers=deep w_beh=0.5 ...). Writes the resolved
     config, metrics.jsonl, checkpoints, the LoRA adapter and a merged model to `out`; resumes after a
