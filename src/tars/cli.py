@@ -6,6 +6,7 @@ stderr, exit status 2, no traceback. Anything else is a bug and keeps its traceb
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -315,7 +316,8 @@ def train_cmd(
 
     cfg = load_config(TarsConfig, config, list(ctx.args))
     path = run(cfg)
-    typer.echo(f"done: {path}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        typer.echo(f"done: {path}")
 
 
 @app.command("eval")
