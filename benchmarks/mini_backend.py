@@ -1,4 +1,5 @@
-"""Mini-model backend throughput: generation at batch 1 / 8 / 32, and `score` with all-layer pooling.
+"""Mini-model backend throughput: generation at batch 1 / 8 / 32, the cost of recording the sampled
+tokens' log-probs, and `score` with all-layer pooling.
 
     .venv/bin/python benchmarks/mini_backend.py [--model mini:base] [--new-tokens 128]
 
@@ -91,6 +92,20 @@ def main() -> None:
         decode[bs] = bs * (args.new_tokens - 1) / max(dt - t_prefill, 1e-9)
         print(f"generate batch {bs:3d}: {rates[bs]:7.1f} tok/s  ({dt:.2f} s for {args.new_tokens} tokens; prefill "
               f"{t_prefill:.2f} s; decode alone {decode[bs]:7.1f} tok/s)")
+
+    # The trainer records each sampled token's log-prob (generate(logprobs=True): one more softmax over
+    # the vocabulary per step) for its sampler-vs-trainer KL and truncated importance sampling.
+    inputs = backend.build_inputs(records[:2], "text")
+    times = {False: [], True: []}
+    for _ in range(args.repeat):
+        for lp in (False, True):
+            t = time.perf_counter()
+            backend.generate(inputs, num_samples=8, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                             row_seeds=list(range(16)), logprobs=lp)
+            times[lp].append(time.perf_counter() - t)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"generate 2 prompts x 8 samples: {off:.2f} s plain, {on:.2f} s recording log-probs "
+          f"(ratio {on / off:.3f})")
 
     inputs = backend.build_inputs(records[:1], "text")
     group = backend.generate(inputs, num_samples=8, max_new_tokens=96, min_new_tokens=96, generator=g)

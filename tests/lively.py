@@ -16,12 +16,15 @@ def make_lively(setattr_):
     def generate(self, *a, **k):
         g = real(self, *a, **k)
         stop = self.stop_token_ids[0]
-        ids = []
-        for row in g.token_ids:
+        ids, lps = [], []
+        for j, row in enumerate(g.token_ids):
             cut = next((i for i, t in enumerate(row) if i >= 1 and t % 3 == 0), None)
             ids.append(row if cut is None else row[:cut] + [stop])
+            if g.logprobs is not None:  # the forced stop token had probability 1 under this "sampler"
+                lps.append(g.logprobs[j] if cut is None else g.logprobs[j][:cut] + [0.0])
         return Generation(ids, [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids],
-                          [len(r) > 0 and r[-1] != stop for r in ids], g.prompt_index)
+                          [len(r) > 0 and r[-1] != stop for r in ids], g.prompt_index,
+                          lps if g.logprobs is not None else None)
 
     def acc(texts, options, answers):
         return [float(sum(t.encode()) % 2) for t in texts]

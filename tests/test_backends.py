@@ -284,6 +284,36 @@ def test_inverse_cdf_sampling_by_hand():
     assert sample_next(logits, 1.0, 0.5, None, u).tolist() == [2] * 5
 
 
+def test_sampled_logprob_by_hand():
+    """The log-prob of a drawn token under the distribution it was drawn from."""
+    import math
+
+    from tars.models.backend import sampled_logprob
+
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log()
+    tok = lambda i: torch.tensor([i])  # noqa: E731
+    assert float(sampled_logprob(logits, 1.0, 1.0, tok(1))) == pytest.approx(math.log(0.5))
+    # top_p 0.6 keeps 0.5 and 0.3, renormalised: 0.3 / 0.8.
+    assert float(sampled_logprob(logits, 1.0, 0.6, tok(2))) == pytest.approx(math.log(0.375))
+    assert float(sampled_logprob(logits, 1.0, 0.6, tok(0))) == float("-inf")
+    # temperature 2: p ∝ sqrt(p).
+    r = [math.sqrt(x) for x in (0.2, 0.5, 0.3)]
+    assert float(sampled_logprob(logits, 2.0, 1.0, tok(1))) == pytest.approx(math.log(r[1] / sum(r)), abs=1e-6)
+    assert float(sampled_logprob(logits, 0.0, 1.0, tok(1))) == 0.0  # greedy: a point mass
+
+
+def test_sampled_tokens_logprobs_equal_the_scorers(setup):
+    """At temperature 1 and top-p 1 the sampler draws from exactly the distribution `score` assigns
+    (KV-cache decoding vs one forward, fp32): its recorded log-probs equal the scored ones."""
+    backend, recs, d = setup
+    batch = backend.build_inputs(recs, "speech", base_dir=d)
+    gen = backend.generate(batch, 2, 1.0, 1.0, 6, row_seeds=list(range(6)), logprobs=True)
+    assert [len(lp) for lp in gen.logprobs] == [len(t) for t in gen.token_ids]
+    sc = backend.score(batch, gen.token_ids, gen.prompt_index)
+    for r, lp in enumerate(gen.logprobs):
+        torch.testing.assert_close(torch.tensor(lp), sc.logprobs[r, : len(lp)], atol=1e-4, rtol=0)
+
+
 def test_encoder_runs_once_per_clip(setup):
     backend, recs, d = setup
     backend.cache.hits = backend.cache.misses = 0

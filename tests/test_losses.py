@@ -150,3 +150,24 @@ def test_rejects_bad_arguments():
         clipped_surrogate(logp, old, ADV[:2], MASK)
     with pytest.raises(ValueError, match="keep must be"):
         clipped_surrogate(logp, old, ADV, MASK, keep=KEEP[:2])
+
+
+def test_truncated_importance_weights_by_hand():
+    """Ratio 1 (one update per batch), advantage 1, three tokens whose sampler log-probs are 0, log 2
+    and −log 4 away from the trainer's: w = exp(old − sampler) = 1, 1/2, 4, capped at 2 → 1, 1/2, 2.
+    dapo loss = −(1 + 1/2 + 2)/3; d loss / d logp_t = −w_t / 3 (unclipped at ratio 1)."""
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    logp = old.clone().requires_grad_(True)
+    sampler = old + torch.tensor([[0.0, math.log(2), -math.log(4)]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, stats = clipped_surrogate(logp, old, torch.tensor([1.0]), mask, sampler_logprobs=sampler, tis_cap=2.0)
+    assert float(loss) == pytest.approx(-3.5 / 3)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1 / 3, -1 / 6, -2 / 3]]))
+    assert float(stats["tis_weight"]) == pytest.approx(3.5 / 3)
+    assert float(stats["tis_capped_fraction"]) == pytest.approx(1 / 3)
+    # Off (no cap): the plain surrogate, whatever the sampler said.
+    plain, stats = clipped_surrogate(logp, old, torch.tensor([1.0]), mask, sampler_logprobs=sampler)
+    assert float(plain) == pytest.approx(-1.0) and "tis_weight" not in stats
+    with pytest.raises(ValueError, match="tis_cap"):
+        clipped_surrogate(logp, old, torch.tensor([1.0]), mask, tis_cap=2.0)

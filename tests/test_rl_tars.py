@@ -66,7 +66,7 @@ def lora_of(folder):
 KEYS = {"step", "epoch", "loss", "grad_norm", "lr", "speech/reward", "speech/base", "speech/acc", "speech/format",
         "speech/rep", "speech/beh", "text/reward", "text/base", "text/acc", "text/format", "text/align", "gap",
         "no_reference", "clip_fraction", "speech/length", "text/length", "truncated", "time/generate",
-        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy"}
+        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy", "sampler/kl"}
 
 
 @needs_espeak
@@ -470,3 +470,19 @@ def test_the_strategy_follows_the_accelerate_launch_file(monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(UserError, match="ZeRO stage 3 is not supported.*fsdp.yaml"):
         launcher_choice()
+
+
+@needs_espeak
+def test_truncated_importance_sampling_weights_the_policy_gradient(tiny, tmp_path, lively):
+    """With tis_cap the step logs the TIS weights; the sampler-vs-trainer KL is logged either way. The
+    lively test sampler forces its stop tokens (probability 1 under it, π(stop) under the policy), so
+    those tokens weigh π(stop) < 1 and the mean weight is below 1; nothing reaches the cap (the cap
+    itself is checked by hand in test_losses.py)."""
+    rows = {}
+    for cap in (None, 2.0):
+        tr, batch, base_dir = trainer(tiny, tmp_path / str(cap), tis_cap=cap)
+        rows[cap] = tr.step(batch, base_dir, 0)
+    assert rows[None]["sampler/kl"] > 0 and "tis/weight" not in rows[None]
+    assert rows[2.0]["sampler/kl"] == pytest.approx(rows[None]["sampler/kl"], abs=1e-6)
+    assert 0 < rows[2.0]["tis/weight"] < 1 and rows[2.0]["tis/capped"] == 0
+    assert rows[2.0]["loss"] != pytest.approx(rows[None]["loss"])

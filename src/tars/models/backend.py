@@ -94,6 +94,9 @@ class Generation:
     texts: list[str]
     truncated: list[bool]
     prompt_index: list[int]
+    #: Per row, the log-probability of each token under the distribution it was drawn from
+    #: (temperature and top-p applied; 0 for greedy), when `generate(logprobs=True)`.
+    logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -261,6 +264,7 @@ class Backend(nn.Module):
         generator: torch.Generator | None = None,
         min_new_tokens: int = 0,
         row_seeds: Sequence[int] | None = None,
+        logprobs: bool = False,
     ) -> Generation:
         """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache.
 
@@ -272,6 +276,9 @@ class Backend(nn.Module):
         logits are equal; batch shape and padding can move them by round-off, which flips a token only
         when a uniform falls that close to a CDF boundary). Otherwise `generator`
         drives one multinomial draw per step for the whole batch.
+
+        `logprobs`: also return each token's log-probability under the sampling distribution, which
+        the trainer compares with the same token's log-prob from its scoring forward (rl/losses.py).
         """
         self._check_room(inputs, max_new_tokens)
         index = torch.arange(len(inputs), device=inputs.embeds.device).repeat_interleave(num_samples)
@@ -292,6 +299,7 @@ class Backend(nn.Module):
         stops = torch.tensor(self.stop_token_ids, device=embeds.device)
         pad = self.stop_token_ids[0]
         tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=embeds.device)
+        token_lp = torch.zeros(N, max_new_tokens, device=embeds.device) if logprobs else None
         # Rows that stopped leave the batch (and the KV cache): a batch then costs what its live rows
         # cost, not what its longest answer costs for every row.
         alive = torch.arange(N, device=embeds.device)
@@ -302,6 +310,8 @@ class Backend(nn.Module):
             nxt = sample_next(logits, temperature, top_p, generator,
                               None if uniforms is None else uniforms[alive, step])
             tokens[alive, step] = nxt
+            if token_lp is not None:
+                token_lp[alive, step] = sampled_logprob(logits, temperature, top_p, nxt)
             finished = torch.isin(nxt, stops)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
@@ -327,7 +337,8 @@ class Backend(nn.Module):
             ids.append(row if cut is None else row[: cut + 1])
             truncated.append(cut is None)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        return Generation(ids, texts, truncated, index.tolist())
+        lps = None if token_lp is None else [row[: len(r)] for row, r in zip(token_lp.tolist(), ids)]
+        return Generation(ids, texts, truncated, index.tolist(), lps)
 
     @torch.no_grad()
     def generate_stream(
@@ -553,17 +564,31 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     probability first exceeds it (inverse CDF, float64 so the last token is reachable)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = _sampling_probs(logits, temperature, top_p)
     if uniforms is None:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     cdf = probs.double().cumsum(-1)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The softmax at `temperature`, zeroed outside the top-p nucleus (not renormalised)."""
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return probs
+
+
+def sampled_logprob(logits: Tensor, temperature: float, top_p: float, tokens: Tensor) -> Tensor:
+    """log P(token) under the distribution `sample_next` draws from: the nucleus renormalised; 0 for
+    greedy (a point mass)."""
+    if temperature <= 0:
+        return torch.zeros(tokens.shape, device=logits.device)
+    probs = _sampling_probs(logits, temperature, top_p)
+    return (probs.gather(-1, tokens[:, None]).squeeze(-1) / probs.sum(-1)).log()
 
 
 def default_device() -> torch.device:

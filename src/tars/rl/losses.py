@@ -25,6 +25,14 @@ Completions that hit the length limit (`keep=False`) are dropped from the loss *
 An optional KL penalty to a reference policy (`beta > 0`, the LoRA-disabled model) adds
 `beta·k3` per token before the same averaging, k3 being `kl_penalty`. Entropy needs the full
 distribution, not the sampled tokens' log-probs, so it is not computed here.
+
+Truncated importance sampling (`tis_cap`, the correction DESIGN §7 pairs with a separate generation
+engine): the tokens were drawn by the sampler, whose log-probs (`sampler_logprobs`) differ from the
+trainer's own for the same weights — round-off in bf16 with a KV cache, another engine's kernels,
+a temperature or top-p other than 1. Each token's surrogate term is weighted by
+`w = min(exp(logp_old − logp_sampler), tis_cap)` (a constant), so the gradient estimates the
+trainer's policy gradient from the sampler's draws, the cap bounding the variance. The KL term is
+not weighted.
 """
 
 from __future__ import annotations
@@ -86,6 +94,8 @@ def clipped_surrogate(
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
     normalizer: float | None = None,
+    sampler_logprobs: Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate loss of DESIGN §2 step 6 (module docstring), and its diagnostics.
 
@@ -98,11 +108,14 @@ def clipped_surrogate(
     `loss_type`: `dapo` | `grpo` | `dr_grpo` (needs `max_completion_length`, the generation budget).
     `ref_logprobs` and `beta > 0`: add `beta·kl_penalty` per token (skipped when beta is 0).
     `normalizer`: the denominator to use instead of this batch's own (see `loss_normalizer`).
+    `sampler_logprobs` [N, T] and `tis_cap`: the truncated importance weights of the module docstring
+    (skipped when `tis_cap` is None).
 
     Returns `(loss, stats)`, loss a scalar to minimise (0.0, still differentiable, when nothing is
     kept); stats detached 0-dim tensors over the kept tokens: `clip_fraction` (tokens whose gradient
     the clip zeroed: r > 1 + eps_high with A > 0, or r < 1 - eps_low with A < 0), `clip_low_fraction`,
-    `clip_high_fraction`, `ratio_mean`, and `kl` (mean k3) when the penalty is on.
+    `clip_high_fraction`, `ratio_mean`, `kl` (mean k3) when the penalty is on, and with `tis_cap`
+    `tis_weight` (mean w) and `tis_capped_fraction` (tokens whose weight the cap cut).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -122,6 +135,9 @@ def clipped_surrogate(
     use_kl = beta > 0
     if use_kl and (ref_logprobs is None or ref_logprobs.shape != logprobs.shape):
         raise ValueError("beta > 0 needs ref_logprobs of the same [N, T] shape as logprobs")
+    use_tis = tis_cap is not None
+    if use_tis and (tis_cap <= 0 or sampler_logprobs is None or sampler_logprobs.shape != logprobs.shape):
+        raise ValueError("tis_cap needs to be > 0 and sampler_logprobs of the same [N, T] shape as logprobs")
 
     m = _kept_mask(mask, keep)
     zero = torch.zeros_like(logprobs)
@@ -131,6 +147,10 @@ def clipped_surrogate(
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().to(ratio.dtype)[:, None]
     objective = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    tis_raw = None
+    if use_tis:
+        tis_raw = torch.exp(torch.where(m, old_logprobs.detach() - sampler_logprobs.detach(), zero))
+        objective = objective * tis_raw.clamp(max=tis_cap)
     per_token = -objective
     kl = None
     if use_kl:
@@ -160,4 +180,7 @@ def clipped_surrogate(
         }
         if kl is not None:
             stats["kl"] = (kl * mf).sum() / n_tok
+        if tis_raw is not None:
+            stats["tis_weight"] = (tis_raw.clamp(max=tis_cap) * mf).sum() / n_tok
+            stats["tis_capped_fraction"] = ((tis_raw > tis_cap) & m).sum() / n_tok
     return loss, {k: v.detach() for k, v in stats.items()}

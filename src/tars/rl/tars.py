@@ -74,7 +74,7 @@ from tars.rewards.format import format_score
 from tars.rl.advantages import SPEECH, TEXT, group_advantages
 from tars.rl.distributed import Group
 from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, sft_targets
-from tars.rl.losses import clipped_surrogate, loss_normalizer
+from tars.rl.losses import clipped_surrogate, kl_penalty, loss_normalizer
 from tars.rl.strategies import Parallel
 from tars.rl.strategies import make as make_strategy
 from tars.rl.strategies import weight_bytes
@@ -135,6 +135,9 @@ class TarsConfig(Config):
     eps_low: float = Field(0.2, ge=0)
     eps_high: float = Field(0.28, ge=0)
     beta: float = Field(0.0, ge=0)
+    #: Truncated importance sampling against the sampler's log-probs (rl/losses.py): the cap C of
+    #: min(π_trainer/π_sampler, C) per token, e.g. 2.0; None = off. `sampler/kl` shows whether needed.
+    tis_cap: float | None = Field(None, gt=0)
     #: β of the DPO loss (method=dpo): how far the implicit reward may move from the LoRA-free model.
     dpo_beta: float = Field(0.1, gt=0)
     lr: float = Field(2e-5, gt=0)
@@ -320,6 +323,18 @@ def modality_advantages(speech_reward: Tensor, text_reward: Tensor, scale_std: b
     return adv[: Q * Gs].view(Q, Gs), adv[Q * Gs :].view(Q, Gt)
 
 
+def _sampler_logprobs(gen, rows: Sequence[int], like: Tensor) -> Tensor | None:
+    """The sampler's log-probs of completion `rows` of `gen`, [len(rows), T] like the scored ones
+    (zero-padded); None when the generation did not record them."""
+    if gen.logprobs is None:
+        return None
+    out = torch.zeros(like.shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        lp = gen.logprobs[r][: like.shape[1]]
+        out[i, : len(lp)] = torch.tensor(lp)
+    return out.to(device=like.device, dtype=like.dtype)
+
+
 def _token_mask(token_ids: Sequence[Sequence[int]], width: int) -> Tensor:
     lengths = torch.tensor([len(t) for t in token_ids])
     return torch.arange(width)[None, :] < lengths[:, None]
@@ -459,9 +474,9 @@ class TarsTrainer:
             prompts = {"speech": be.build_inputs(batch, "speech", base_dir=base_dir),
                        "text": be.build_inputs(batch, "text")}
             speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                 row_seeds=self._row_seeds(step, batch, "speech", Gs))
+                                 row_seeds=self._row_seeds(step, batch, "speech", Gs), logprobs=True)
             text = be.generate(prompts["text"], Gt, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                               row_seeds=self._row_seeds(step, batch, "text", Gt))
+                               row_seeds=self._row_seeds(step, batch, "text", Gt), logprobs=True)
 
         # 2. R_base = R_acc + λ·R_fmt for every rollout, speech and text alike.
         with clock("rewards"):
@@ -492,6 +507,7 @@ class TarsTrainer:
         adv_s, adv_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt)
         no_reference = (acc_t.sum(1) == 0).float()
         loss_total, clipped, kl, kept_tokens = 0.0, 0.0, 0.0, 0.0
+        mismatch, tis_w, tis_cut = 0.0, 0.0, 0.0  # Σ over kept tokens: sampler-vs-trainer k3, TIS weight, capped
         entropy = {"speech": [0.0, 0.0], "text": [0.0, 0.0]}  # Σ entropy, Σ tokens over kept tokens
         plan = self._micro_batches(Q)
         for i, (qs, counts) in enumerate(plan):
@@ -552,19 +568,27 @@ class TarsTrainer:
 
             # 6. DAPO token-level clipped surrogate, ε_low/ε_high, truncated completions masked out;
             #    old log-probs = the current ones detached (one update per batch: ratio 1).
+            #    Optional truncated importance sampling (tis_cap) against the sampler's own log-probs.
             with clock("update"):
                 loss = 0.0
-                for sc, adv, keep, ref in ((s, a_s, keep_s[rows_s], ref_s), (t, a_t, keep_t[rows_t], ref_t)):
+                for sc, adv, keep, ref, gen, rows in ((s, a_s, keep_s[rows_s], ref_s, speech, rows_s),
+                                                      (t, a_t, keep_t[rows_t], ref_t, text, rows_t)):
+                    sampler = _sampler_logprobs(gen, rows, sc.logprobs)
                     part, stats = clipped_surrogate(
                         sc.logprobs, sc.logprobs.detach(), adv.flatten().to(sc.logprobs.device), sc.mask,
                         cfg.eps_low, cfg.eps_high, loss_type=cfg.loss_type, keep=keep,
                         max_completion_length=cfg.max_new_tokens, ref_logprobs=ref, beta=cfg.beta,
-                        normalizer=normalizer)
+                        normalizer=normalizer, sampler_logprobs=sampler, tis_cap=cfg.tis_cap)
                     loss = loss + part
-                    n_tok = float((sc.mask & keep[:, None]).sum())
+                    m = sc.mask & keep[:, None]
+                    n_tok = float(m.sum())
                     kept_tokens += n_tok
                     clipped += float(stats["clip_fraction"]) * n_tok
                     kl += float(stats.get("kl", 0.0)) * n_tok
+                    if sampler is not None:
+                        mismatch += float(kl_penalty(sampler, sc.logprobs.detach(), m).sum())
+                        tis_w += float(stats.get("tis_weight", 0.0)) * n_tok
+                        tis_cut += float(stats.get("tis_capped_fraction", 0.0)) * n_tok
                 self.parallel.backward(loss, last=i == len(plan) - 1)
                 loss_total += float(loss.detach())
 
@@ -580,7 +604,8 @@ class TarsTrainer:
                                adv_s, adv_t)
         rep, beh, reward_s, reward_t, term_t, no_reference = map(
             group.cat, (rep, beh, reward_s, reward_t, term_t, no_reference))
-        loss_total, clipped, kl, kept_tokens = map(group.sum, (loss_total, clipped, kl, kept_tokens))
+        loss_total, clipped, kl, kept_tokens, mismatch, tis_w, tis_cut = map(
+            group.sum, (loss_total, clipped, kl, kept_tokens, mismatch, tis_w, tis_cut))
         entropy = {k: [group.sum(v[0]), group.sum(v[1])] for k, v in entropy.items()}
         extra = {
             "loss": loss_total, "grad_norm": grad_norm,
@@ -593,6 +618,13 @@ class TarsTrainer:
         }
         if cfg.beta > 0:
             extra["kl"] = kl / max(kept_tokens, 1.0)
+        if speech.logprobs is not None:
+            # KL(sampler ‖ trainer) per token (k3): how far generation's numbers are from the scoring
+            # forward's for the same weights; what `tis_cap` corrects for.
+            extra["sampler/kl"] = mismatch / max(kept_tokens, 1.0)
+            if cfg.tis_cap is not None:
+                extra["tis/weight"] = tis_w / max(kept_tokens, 1.0)
+                extra["tis/capped"] = tis_cut / max(kept_tokens, 1.0)
         return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
 
     def _metrics(self, extra: dict, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr) -> dict:
