@@ -32,7 +32,8 @@ Two choices worth knowing:
   `speech` (the public reference code): they are computed under the *speech* prompt of the same
   question, so the text trajectories are both trained as speech-prompted behaviour and compared as
   speech-conditioned states. That is off-policy for the text rollouts (sampled from the text prompt)
-  with no importance correction, as in the reference code; use it to reproduce that code.
+  with no importance correction, as in the reference code; use it to reproduce that code. (There
+  `sampler/kl` mixes in the text rollouts' change of prompt, and `tis_cap` would reweight it.)
 
 Runs resume after a kill: every random draw of step k comes from generators seeded by (seed, k) —
 per completion row for the rollouts and per question for the reference choice, so the draws do not
