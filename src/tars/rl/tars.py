@@ -793,9 +793,9 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     # The backends refuse clips over the encoder window (never truncate them): leave those out here
     # rather than fail at whichever step first draws one.
     too_long = [r for r in records if (r.duration_s or 0.0) > backend.max_audio_s]
-    if too_long:
+    if too_long and group.main:
         print(f"{len(too_long)} question(s) left out: audio over the {backend.max_audio_s:g} s encoder window")
-        records = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
+    records = [r for r in records if (r.duration_s or 0.0) <= backend.max_audio_s]
     if not records:
         raise UserError("config: data: no questions to train on")
     total = cfg.steps or math.ceil(len(records) / cfg.questions_per_step) * cfg.epochs
