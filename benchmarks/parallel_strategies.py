@@ -58,19 +58,19 @@ def main() -> None:
             metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
             rows[name] = (held.groups(), metrics)
 
-    base = rows.get("ddp", next(iter(rows.values())))[1]
+    ref = "ddp" if "ddp" in rows else next(iter(rows))
+    base = rows[ref][1]
+    step = {}
     print(f"\n{'strategy':9} {'weights/process':>22} {'step s':>7} " + " ".join(f"{p:>9}" for p in PHASES)
-          + "  metrics = ddp's")
+          + f"  metrics = {ref}'s")
     for name, ((here, whole), metrics) in rows.items():
         timed = metrics[1:] or metrics
         med = lambda k: statistics.median(m[k] for m in timed)  # noqa: E731
+        step[name] = med("time/step")
         worst = max(abs(a[k] - b[k]) for a, b in zip(base, metrics) for k in a if not k.startswith("time/"))
-        print(f"{name:9} {here + ' / ' + whole + ' MiB':>22} {med('time/step'):7.2f} "
+        print(f"{name:9} {here + ' / ' + whole + ' MiB':>22} {step[name]:7.2f} "
               + " ".join(f"{med('time/' + p):9.2f}" for p in PHASES) + f"  max |diff| {worst:.1e}")
-    ratios = ", ".join(f"{n}/ddp {statistics.median(m['time/step'] for m in (ms[1:] or ms)) / statistics.median(m['time/step'] for m in (base[1:] or base)):.3f}"
-                       for n, (_, ms) in rows.items() if n != "ddp")
-    print(f"step time ratios: {ratios}")
-
+    print("step time ratios: " + ", ".join(f"{n}/{ref} {step[n] / step[ref]:.3f}" for n in rows if n != ref))
 
 if __name__ == "__main__":
     main()

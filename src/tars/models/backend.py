@@ -307,11 +307,11 @@ class Backend(nn.Module):
             logits = head(last).float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")
-            nxt = sample_next(logits, temperature, top_p, generator,
-                              None if uniforms is None else uniforms[alive, step])
+            nxt, lp = sample_next_with_logprob(logits, temperature, top_p, generator,
+                                               None if uniforms is None else uniforms[alive, step])
             tokens[alive, step] = nxt
             if token_lp is not None:
-                token_lp[alive, step] = sampled_logprob(logits, temperature, top_p, nxt)
+                token_lp[alive, step] = lp
             finished = torch.isin(nxt, stops)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
@@ -562,14 +562,24 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     """Greedy when `temperature` is 0, else nucleus sampling at `temperature`: a multinomial draw from
     `generator`, or — given one uniform in [0, 1) per row — the token where the row's cumulative
     probability first exceeds it (inverse CDF, float64 so the last token is reachable)."""
+    return sample_next_with_logprob(logits, temperature, top_p, generator, uniforms)[0]
+
+
+def sample_next_with_logprob(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+                             uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`sample_next`'s tokens and each one's log-prob under the distribution it was drawn from (one
+    softmax and nucleus for both)."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        return tokens, torch.zeros(tokens.shape, device=logits.device)
     probs = _sampling_probs(logits, temperature, top_p)
     if uniforms is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cdf = probs.double().cumsum(-1)
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        cdf = probs.double().cumsum(-1)
+        target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return tokens, _logprob_of(probs, tokens)
 
 
 def _sampling_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
@@ -587,7 +597,11 @@ def sampled_logprob(logits: Tensor, temperature: float, top_p: float, tokens: Te
     greedy (a point mass)."""
     if temperature <= 0:
         return torch.zeros(tokens.shape, device=logits.device)
-    probs = _sampling_probs(logits, temperature, top_p)
+    return _logprob_of(_sampling_probs(logits, temperature, top_p), tokens)
+
+
+def _logprob_of(probs: Tensor, tokens: Tensor) -> Tensor:
+    """log of `tokens`' share of each row of `probs` (the nucleus renormalised)."""
     return (probs.gather(-1, tokens[:, None]).squeeze(-1) / probs.sum(-1)).log()
 
 
