@@ -1,6 +1,6 @@
 """`tars eval` throughput on the mini model: length-sorted batches vs one question at a time.
 
-    .venv/bin/python benchmarks/eval_throughput.py [--model mini:ctc/model] [--n 64] [--modality text]
+    .venv/bin/python benchmarks/eval_throughput.py [--model mini:demo] [--n 64] [--modality text]
 
 The same questions (the first --n held-out synthetic items), greedy, through `run_eval` itself into
 fresh folders: one at a time, fixed batches of --batch, then continuous batching with --batch slots
@@ -20,8 +20,8 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mini:ctc/model")
-    ap.add_argument("--data", default="runs/heldout.jsonl")
+    ap.add_argument("--model", default="mini:demo")
+    ap.add_argument("--data", default="mini:heldout")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32, help="slots (tars eval's default)")
     ap.add_argument("--modality", default="text", choices=["text", "speech"])

@@ -29,7 +29,7 @@ PHASES = ("generate", "score", "rewards", "update")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mini:demo", help="model folder or mini:STAGE (default mini:demo: run `tars mini unpack` first)")
+    ap.add_argument("--model", default="mini:demo", help="model folder or mini:STAGE (default mini:demo, unpacked on first use)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--questions", type=int, default=2, help="questions per step (one per process)")
     ap.add_argument("--rollouts", type=int, default=2, help="speech and text rollouts per question")

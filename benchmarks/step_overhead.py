@@ -1,6 +1,6 @@
 """What TARS costs on top of standard GRPO: the same batch, model and rollouts, method=tars vs method=grpo.
 
-    .venv/bin/python benchmarks/step_overhead.py [--model mini:sft2/model] [--questions 2] [--rollouts 4]
+    .venv/bin/python benchmarks/step_overhead.py [--model mini:demo] [--questions 2] [--rollouts 4]
 
 TARS adds R_rep (per-layer pooled hidden states, taken by hooks from the forward that already gives
 the log-probs: no extra pass) and R_beh (a sentence-embedding model over every completion). Each
@@ -61,7 +61,7 @@ def one_variant(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mini:sft2/model", help="model folder or mini:STAGE/model")
+    ap.add_argument("--model", default="mini:demo", help="model folder or mini:STAGE/model")
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--rollouts", type=int, default=4, help="per modality")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -67,3 +67,11 @@ def test_row_names_of_the_mini_table_layout(tmp_path):
     md = build_report([tmp_path / r / "eval" for r in ("grpo", "tars", "cascade")], tmp_path / "rep").read_text()
     assert "| grpo | 50.0 | 60.0 |" in md and "| tars | 55.0 | 60.0 |" in md
     assert "| cascade | 58.0 | – | 58.0 | – |" in md
+
+
+def test_html_shows_code_spans_and_right_aligns_numbers():
+    from tars.eval.report import _inline, _td
+
+    assert _inline("curves of `run<1>` (2 steps)") == "curves of <code>run&lt;1&gt;</code> (2 steps)"
+    assert _inline("an odd ` backtick") == "an odd ` backtick"
+    assert _td("+12.5") == "<td class='n'>+12.5</td>" and _td("ev1") == "<td>ev1</td>"

@@ -78,8 +78,13 @@ def plot_training(rows: list[dict], title: str) -> bytes:
         for key in keys:
             ys = [r[key] for r in rows if key in r]
             if len(ys) == len(steps) and any(y != 0 for y in ys):
-                ax.plot(steps, _smooth(ys, k), label=key)
+                # a short run's few points would be invisible as a bare line
+                ax.plot(steps, _smooth(ys, k), label=key, marker="o" if len(steps) <= 30 else None, markersize=3)
         ax.set_xlabel("step")
+        if len(steps) <= 10:  # whole steps only: no 0.96 … 1.04 ticks under a 1-step run
+            ax.set_xticks(steps)
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(f"{title}: {panel}" + (f" (running mean of {k})" if k > 1 else ""), fontsize=9)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -125,7 +130,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
             if rows and "speech/acc" in rows[0]:
                 name = f"training_{f.name}.png"
                 atomic_write_bytes(out / name, plot_training(rows, f.name))
-                figures.append((f"Training curves of `{f.name}` ({len(rows)} steps)", name))
+                figures.append((f"Training curves of `{f.name}` ({len(rows)} step{'s' if len(rows) != 1 else ''})", name))
             found = True
         if (f / "layers.json").exists() and (f / "layers.png").exists():
             name = f"layers_{f.name}.png"
@@ -156,7 +161,7 @@ def _html(md: list[str], out: Path) -> str:
             rows = [[c.strip() for c in l.strip("|").split("|")] for l in table if not set(l) <= set("|- ")]
             head, *rest = rows
             body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+                        + "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rest)
                         + "</table>")
             table.clear()
 
@@ -166,17 +171,32 @@ def _html(md: list[str], out: Path) -> str:
             continue
         flush()
         if line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
         elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
         elif line.startswith("!["):
             name = line[line.rindex("(") + 1 : -1]
             data = base64.b64encode((out / name).read_bytes()).decode()
             body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}" style="max-width:100%">')
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_inline(line)}</p>")
     flush()
     style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{border:1px solid #ccc;padding:4px 8px}" \
-            "table{border-collapse:collapse}"
+            "table{border-collapse:collapse}td.n{text-align:right}code{background:#f3f3f3;padding:0 3px}"
     return f"<!doctype html><html><head><meta charset='utf-8'><title>tars report</title><style>{style}</style></head>" \
            f"<body>{''.join(body)}</body></html>\n"
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` spans as <code>, the rest escaped: a reader should not see stray backticks."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)) if len(parts) % 2 else html.escape(text)
+
+
+def _td(cell: str) -> str:
+    """Numbers right-aligned, so a column's digits line up."""
+    try:
+        float(cell.lstrip("+"))
+        return f"<td class='n'>{html.escape(cell)}</td>"
+    except ValueError:
+        return f"<td>{_inline(cell)}</td>"

@@ -10,8 +10,9 @@
     report       one page (markdown + HTML) with the table, the training curves and the layer plot
 
 The questions are the docs' (docs/results.md): the held-out set is the first `questions` of
-`runs/heldout.jsonl` (seed 1000, no question of any stage's training sets), the training questions the
-first of `runs/rl_train.jsonl` (seed 4); both are regenerated here, so the demo needs no file but the pack.
+`mini:heldout` (seed 1000, no question of any stage's training sets), the training questions the
+first of `mini:rl_train` (seed 4); both are regenerated (data/mini_sets.py), so the demo needs no file
+but the pack.
 Every piece is skipped when done and resumes after a kill, so rerunning the command finishes the job.
 A short run on few questions moves accuracy by less than its noise: the demo shows the workflow and
 what to look at, the mini table (docs/results.md) what the methods do.
@@ -19,7 +20,6 @@ what to look at, the mini table (docs/results.md) what the methods do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,13 +28,9 @@ from typing import Callable
 from pydantic import Field
 
 from tars.config import Config, load_config, save_config
-
-PACK = Path(__file__).resolve().parent.parent / "assets" / "mini_demo.safetensors"
-#: (n, seed) of the synthetic sets the mini stages trained on (configs/mini_sft*.yaml, mini_align*.yaml):
-#: the held-out set excludes their questions.
-STAGE_SETS = ((1600, 1), (800, 3), (640, 2))
-HELDOUT = (200, 1000)
-RL_SET = (400, 4)
+from tars.data.mini_sets import HELDOUT, mini_sets
+from tars.models.mini import demo_stage
+from tars.models.stage_pack import find_pack
 
 
 class DemoConfig(Config):
@@ -53,43 +49,10 @@ class DemoConfig(Config):
     seed: int = 0
 
 
-def find_pack(pack: str | Path | None) -> Path:
-    """`pack`, or the one shipped with tars; a one-line error when it is not there."""
-    from tars.errors import UserError
-
-    path = Path(pack) if pack else PACK
-    if not path.exists():
-        raise UserError(f"{path}: stage pack not found (make one with `tars mini pack`)")
-    return path
-
-
 def demo_questions(n_heldout: int, n_train: int):
     """The docs' held-out set and RL training set, regenerated: (held-out[:n_heldout], train[:n_train])."""
-    from tars.data.families import FAMILIES, make_excluding, make_mixture
-
-    names = list(FAMILIES)
-    trained = {r.question for n, seed in STAGE_SETS for r in make_mixture(names, n, seed)}
-    heldout = make_excluding(names, *HELDOUT, trained)
-    train = make_excluding(names, *RL_SET, {r.question for r in heldout})
+    heldout, train = mini_sets()
     return heldout[:n_heldout], train[:n_train]
-
-
-def demo_stage(pack: Path, log: Callable[[str], None] = print) -> Path:
-    """`mini:demo`, unpacked from `pack` once; unpacked again when the pack changes."""
-    from tars.atomic import atomic_write_text
-    from tars.models.mini import build_mini, mini_dir
-    from tars.models.stage_pack import unpack_stage
-
-    base = build_mini()
-    out = mini_dir("demo")
-    digest = hashlib.sha256(pack.read_bytes()).hexdigest()[:16]
-    stamp = out / "PACK"
-    if (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return out
-    log(f"unpacking {pack.name} onto {base} → {out}")
-    unpack_stage(pack, base, out)
-    atomic_write_text(stamp, digest + "\n")
-    return out
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool = True) -> Path:

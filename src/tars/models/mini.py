@@ -72,3 +72,24 @@ def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAUL
     backend = Qwen2AudioBackend(model.eval(), tok, projector)
     backend.save_pretrained(out)
     return out
+
+
+def demo_stage(pack: Path | None = None, log=print) -> Path:
+    """`mini:demo`: the aligned mini model, unpacked from `pack` (default: the one shipped with tars) onto
+    `mini:base` once, and again when the pack changes — so `mini:demo` works on a fresh machine."""
+    import hashlib
+
+    from tars.atomic import atomic_write_text
+    from tars.models.stage_pack import find_pack, unpack_stage
+
+    pack = find_pack(pack)
+    base = build_mini()
+    out = mini_dir("demo")
+    digest = hashlib.sha256(pack.read_bytes()).hexdigest()[:16]
+    stamp = out / "PACK"
+    if (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return out
+    log(f"unpacking {pack.name} onto {base} → {out}")
+    unpack_stage(pack, base, out)
+    atomic_write_text(stamp, digest + "\n")
+    return out

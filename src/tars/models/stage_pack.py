@@ -30,6 +30,16 @@ from tars.atomic import atomic_write_bytes
 from tars.errors import UserError
 
 FORMAT = "tars-stage-pack/1"
+#: The aligned mini stage (mini:ctc) shipped with tars: what `mini:demo` is unpacked from.
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "mini_demo.safetensors"
+
+
+def find_pack(pack: str | Path | None) -> Path:
+    """`pack`, or the one shipped with tars; a one-line error when it is not there."""
+    path = Path(pack) if pack else SHIPPED
+    if not path.exists():
+        raise UserError(f"{path}: stage pack not found (make one with `tars mini pack`)")
+    return path
 
 
 def _llm_params(backend) -> dict[str, nn.Parameter]:
