@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 
 from conftest import good_row, needs_espeak, write_jsonl
 from tars.config import validate
@@ -129,3 +130,33 @@ def test_cascade_answers_the_whisper_transcript(tmp_path, monkeypatch):
     # The LLM's user turn is the transcript itself: no lettered options added.
     assert seen == [("transcript", row["transcript"])]
     assert "| q | cascade | 1 |" in format_table(m)
+
+
+def test_paired_bootstrap_by_hand():
+    from tars.eval.metrics import paired_bootstrap
+
+    assert paired_bootstrap([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)  # same answers: no doubt
+    assert paired_bootstrap([0, 0, 0], [1, 1, 1]) == (1.0, 1.0, 1.0)  # every pair gains: every resample does
+    # 100 pairs, 30 gain and 10 lose a point: mean 0.2, var = E[d²] − mean² = 0.4 − 0.04 = 0.36, so the
+    # bootstrap SE ≈ sqrt(0.36/100) = 0.06 and the 95 % interval ≈ 0.2 ± 1.96·0.06 = [0.082, 0.318]
+    base = [0] * 30 + [1] * 10 + [1] * 60
+    other = [1] * 30 + [0] * 10 + [1] * 60
+    mean, lo, hi = paired_bootstrap(base, other)
+    assert mean == pytest.approx(0.2)
+    assert lo == pytest.approx(0.082, abs=0.015) and hi == pytest.approx(0.318, abs=0.015)
+    assert paired_bootstrap(base, other) == (mean, lo, hi)  # seeded
+    with pytest.raises(ValueError):
+        paired_bootstrap([1], [1, 0])
+
+
+def test_paired_accuracy_differences_match_questions_by_id():
+    from tars.eval.metrics import paired_accuracy_differences
+
+    def row(i, mod, pred, ds="d"):
+        return {"dataset": ds, "modality": mod, "id": f"q{i}", "answer": "A", "pred": pred}
+
+    base = [row(1, "speech", "A"), row(2, "speech", "B"), row(3, "speech", None), row(9, "speech", "A")]
+    other = [row(3, "speech", "A"), row(2, "speech", "A"), row(1, "speech", "A"), row(1, "text", "A")]
+    got = paired_accuracy_differences(base, other)
+    assert list(got) == [("d", "speech")]  # text only in one set; q9 only in one set
+    assert got[("d", "speech")]["n"] == 3 and got[("d", "speech")]["diff"] == pytest.approx(200 / 3)

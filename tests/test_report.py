@@ -75,3 +75,23 @@ def test_html_shows_code_spans_and_right_aligns_numbers():
     assert _inline("curves of `run<1>` (2 steps)") == "curves of <code>run&lt;1&gt;</code> (2 steps)"
     assert _inline("an odd ` backtick") == "an odd ` backtick"
     assert _td("+12.5") == "<td class='n'>+12.5</td>" and _td("ev1") == "<td>ev1</td>"
+
+
+def test_report_prints_paired_intervals_against_the_first_eval(tmp_path):
+    def folder(name, preds):
+        f = tmp_path / name
+        f.mkdir()
+        (f / "metrics.json").write_text(json.dumps(eval_metrics(50.0, 60.0)))
+        rows = [{"dataset": "heldout", "modality": "speech", "id": f"q{i}", "answer": "A", "pred": p}
+                for i, p in enumerate(preds)]
+        (f / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f
+
+    base = folder("base", ["A", "B", None, "A"])
+    same = folder("same", ["A", "B", None, "A"])
+    better = folder("better", ["A", "A", "A", "A"])
+    md = build_report([base, same, better], tmp_path / "rep").read_text()
+    assert "### Paired differences against `base`" in md
+    assert "| same | heldout | speech | 4 | +0.0 | [+0.0, +0.0] |" in md
+    assert "| better | heldout | speech | 4 | +50.0 | [" in md
+    assert "<h3>Paired differences against <code>base</code></h3>" in (tmp_path / "rep" / "report.html").read_text()

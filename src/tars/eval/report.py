@@ -47,6 +47,39 @@ def results_table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def paired_section(eval_dirs: dict[str, Path]) -> list[str]:
+    """Markdown lines: each evaluation against the first one, on the questions both answered: the accuracy
+    difference in points and its 95 % paired bootstrap interval (eval/metrics.py). Two accuracies a few
+    points apart on a few hundred questions can be noise; this says whether they are."""
+    from tars.eval.metrics import paired_accuracy_differences
+
+    def predictions(f: Path) -> list[dict] | None:
+        p = f / "predictions.jsonl"
+        if not p.exists():
+            return None
+        try:
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}: not valid JSON ({e})") from None
+
+    names = list(eval_dirs)
+    base = predictions(eval_dirs[names[0]]) if names else None
+    if base is None or len(names) < 2:
+        return []
+    lines = [f"### Paired differences against `{names[0]}`", "",
+             "Accuracy difference (points) on the same questions, with its 95 % bootstrap interval "
+             "(10,000 resamples of the questions); an interval that excludes 0 is a difference the questions' "
+             "draw does not explain.", "",
+             "| model | benchmark | modality | n | Δ accuracy | 95 % interval |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in names[1:]:
+        other = predictions(eval_dirs[name])
+        if other is None:
+            continue
+        for (ds, mod), d in paired_accuracy_differences(base, other).items():
+            lines.append(f"| {name} | {ds} | {mod} | {d['n']} | {d['diff']:+.1f} | [{d['lo']:+.1f}, {d['hi']:+.1f}] |")
+    return lines + [""]
+
+
 def display_name(folder: Path) -> str:
     """An evaluation's row name: its folder, or for `ROW/eval…` folders (the mini table's layout) the row."""
     if folder.name in ("eval", "eval_obqa") and folder.parent.name:
@@ -109,6 +142,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evals: dict[str, dict] = {}
+    eval_dirs: dict[str, Path] = {}
     figures: list[tuple[str, str]] = []  # (caption, file name)
     for f in map(Path, folders):
         if not f.is_dir():
@@ -117,6 +151,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
         if (f / "metrics.json").exists():
             try:
                 evals[display_name(f)] = json.loads((f / "metrics.json").read_text())
+                eval_dirs[display_name(f)] = f
             except json.JSONDecodeError as e:
                 raise UserError(f"{f / 'metrics.json'}: not valid JSON ({e})") from None
             found = True
@@ -145,6 +180,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
         md += ["## Results", "", "Accuracy % from speech (A) and text (T); Gap = Avg(T) − Avg(A); MRR = Avg(A) / "
                "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
         md += results_table(evals) + [""]
+        md += paired_section(eval_dirs)
     for caption, name in figures:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
@@ -170,7 +206,9 @@ def _html(md: list[str], out: Path) -> str:
             table.append(line)
             continue
         flush()
-        if line.startswith("## "):
+        if line.startswith("### "):
+            body.append(f"<h3>{_inline(line[4:])}</h3>")
+        elif line.startswith("## "):
             body.append(f"<h2>{_inline(line[3:])}</h2>")
         elif line.startswith("# "):
             body.append(f"<h1>{_inline(line[2:])}</h1>")
