@@ -60,3 +60,17 @@ def test_case_ids_are_unique():
 def test_the_prompt_template_scores_full_marks():
     assert format_score(ANSWER_TEMPLATE.format(reasoning="Because.", letter="C")) == 1.0
     assert format_score(ANSWER_TEMPLATE.format(reasoning="", letter="C")) == 0.5
+
+
+@pytest.mark.parametrize(("text", "graded"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_binary_levels_pay_the_strict_format_only(text, graded):
+    # the paper's R_fmt: 1 exactly where the graded scale gives 1, the loose 0.5s become 0
+    assert format_score(text, "binary") == (1.0 if graded == 1.0 else 0.0)
+
+
+def test_levels_change_only_the_loose_cases():
+    loose = "Sure! " + T + A
+    assert (format_score(loose, "graded"), format_score(loose, "binary")) == (0.5, 0.0)
+    assert format_score(T + A, "binary") == format_score(T + A, "graded") == 1.0
+    with pytest.raises(ValueError, match="format levels"):
+        format_score(T + A, "ternary")

@@ -19,7 +19,7 @@ from tars.rewards import (
     select_layers,
     text_alignment_reward,
 )
-from tars.rewards.alignment import SentenceEmbedder
+from tars.rewards.alignment import PAPER_EMBEDDER, SentenceEmbedder, resolve_embedder
 
 R2 = 1 / math.sqrt(2)  # 0.70710678...
 
@@ -72,6 +72,37 @@ def test_select_layers_named_ranges():
 def test_select_layers_explicit():
     assert select_layers([8, 1, 16], 16) == [1, 8, 16]
     assert select_layers("3, 1", 4) == [1, 3]  # as a key=value override spells it
+
+
+def test_paper_layer_groups_are_1_10_11_20_21_30_cut_to_the_model():
+    groups = ("shallow", "middle", "deep")
+    # Qwen2-7B, 28 layers: the paper's 21-30 stops at 28; equal thirds of 28 = 10 + 9 + 9
+    assert [select_layers(g, 28, "paper") for g in groups] == [list(range(1, 11)), list(range(11, 21)),
+                                                               list(range(21, 29))]
+    assert [select_layers(g, 28, "equal_thirds") for g in groups] == [list(range(1, 11)), list(range(11, 20)),
+                                                                      list(range(20, 29))]
+    # Phi-4-mini, 32 layers: 21-30 as written (31, 32 in no group); equal thirds 11 + 11 + 10
+    assert select_layers("deep", 32, "paper") == list(range(21, 31))
+    assert select_layers("deep", 32, "equal_thirds") == list(range(23, 33))
+    assert select_layers("deep", 30, "paper") == select_layers("deep", 30, "equal_thirds")  # 30: the same
+    # a 4-layer model has no paper middle/deep group: say how to split it instead
+    with pytest.raises(ValueError, match="no deep group of the paper's.*layer_groups=equal_thirds"):
+        select_layers("deep", 4, "paper")
+    assert select_layers("shallow", 4, "paper") == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="layer_groups must be one of"):
+        select_layers("deep", 30, "halves")
+
+
+def test_select_layers_ranges():
+    assert select_layers("21-28", 28) == list(range(21, 29))
+    assert select_layers("1-3, 7", 8) == [1, 2, 3, 7]
+    assert select_layers("5", 8) == [5]
+    with pytest.raises(ValueError, match="runs backwards"):
+        select_layers("5-3", 8)
+    with pytest.raises(ValueError, match="listed twice"):
+        select_layers("1-3,2", 8)
+    with pytest.raises(ValueError, match=r"each must be an int in 1\.\.28"):
+        select_layers("21-30", 28)
 
 
 @pytest.mark.parametrize(
@@ -197,6 +228,8 @@ def test_embedding_text_drops_tags_keeps_answer():
     text = "<think> I add 2 and 2.\n</think>\n<ANSWER>The answer is B.</answer >"
     assert embedding_text(text) == "I add 2 and 2. The answer is B."
     assert embedding_text("no tags  at\tall") == "no tags at all"
+    # strip_tags=False (the paper's R_beh): the completion as generated, whitespace collapsed only
+    assert embedding_text(text, strip_tags=False) == "<think> I add 2 and 2. </think> <ANSWER>The answer is B.</answer >"
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +248,12 @@ def test_sentence_embedder_paraphrase_beats_unrelated(embedder):
     para, unrelated = behavior_reward(e[:1], e[1:2]).item(), behavior_reward(e[:1], e[2:]).item()
     assert para > unrelated + 0.3
     assert embedder.embed([]).shape == (0, 384)
-    # embed_completions embeds the tag-free text
+    # embed_completions embeds the tag-free text; with strip_tags=False the text as it is
     done = embedder.embed_completions(["<think>The cat sat on the mat.</think>"])
     assert torch.allclose(done, e[:1], atol=1e-5)
+    raw = embedder.embed_completions(["<think>The cat sat on the mat.</think>"], strip_tags=False)
+    assert torch.allclose(raw, embedder.embed(["<think>The cat sat on the mat.</think>"]), atol=1e-5)
+    assert behavior_reward(raw, e[:1]).item() < 0.99  # the tags move the embedding
 
 
 def test_sentence_embedder_bad_path(tmp_path):
@@ -227,3 +263,39 @@ def test_sentence_embedder_bad_path(tmp_path):
     with pytest.raises(UserError, match="cannot load a sentence embedding model") as err:
         SentenceEmbedder(tmp_path)  # an empty folder
     assert "\n" not in str(err.value)
+
+
+# ---- which embedder --------------------------------------------------------------------------------
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_resolve_embedder_packaged_folder_and_hub_cache(tmp_path, empty_hub_cache):
+    from tars.rewards.alignment import _default_model_path
+
+    assert resolve_embedder(None) == _default_model_path()
+    assert resolve_embedder(tmp_path) == tmp_path
+    # a hub id already in the Hugging Face cache resolves to its snapshot, without the network
+    repo = empty_hub_cache / "models--Qwen--Qwen3-Embedding-0.6B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    assert resolve_embedder(PAPER_EMBEDDER) == repo / "snapshots" / "abc123"
+
+
+def test_an_embedder_missing_offline_is_one_line_naming_the_key(tmp_path, empty_hub_cache):
+    with pytest.raises(UserError) as err:
+        resolve_embedder(PAPER_EMBEDDER)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("config: embedder: Qwen/Qwen3-Embedding-0.6B cannot be loaded offline")
+    assert "hf download Qwen/Qwen3-Embedding-0.6B" in msg and "embedder=null" in msg
+    with pytest.raises(UserError, match="config: embedder: no sentence embedding model folder at .*embedder=null"):
+        resolve_embedder(tmp_path / "nowhere" / "model")

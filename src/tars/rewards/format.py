@@ -20,15 +20,23 @@ pure and strict where it pays in full, so it cannot be gamed by text that only l
   present without a well-ordered pair.
 
 Tags are matched case-sensitively: the format being taught is the exact one.
+
+`format_score(text, levels="binary")` is the paper's R_fmt: 1.0 for the strict format, 0.0 for
+everything else (a loose layout earns nothing). The graded 1 / 0.5 / 0 scale above is the public
+reference code's (`TarsConfig.format_levels`, docs/fidelity.md). These patterns are tars's own, written
+for the system prompt's exact template; the reference code's strict / loose regexes are not reproduced.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 STRICT = 1.0
 LOOSE = 0.5
 NONE = 0.0
+FormatLevels = Literal["binary", "graded"]
+FORMAT_LEVELS: tuple[str, ...] = ("binary", "graded")
 
 _STRICT = re.compile(
     r"<think>(?P<think>(?:(?!</?think>|</?answer>).)*)</think>\s*"
@@ -58,12 +66,17 @@ def _is_loose(text: str) -> bool:
     return any(_LETTER_STATEMENT.fullmatch(m.group("answer")) for m in _ANSWER_PAIR.finditer(text))
 
 
-def format_score(text: str) -> float:
-    """1.0 for the exact target format, 0.5 for a recognisable but loose one, 0.0 otherwise.
+def format_score(text: str, levels: FormatLevels = "graded") -> float:
+    """`graded` (default): 1.0 for the exact target format, 0.5 for a recognisable but loose one, 0.0
+    otherwise. `binary` (the paper's R_fmt): 1.0 for the exact format, else 0.0.
 
     Only the layout is judged, never whether the answer is right: `extract_choice` does that.
     """
+    if levels not in FORMAT_LEVELS:
+        raise ValueError(f"format levels must be one of {FORMAT_LEVELS}, got {levels!r}")
     stripped = text.strip()
     if _is_strict(stripped):
         return STRICT
+    if levels == "binary":
+        return NONE
     return LOOSE if _is_loose(stripped) else NONE

@@ -26,7 +26,8 @@ Two choices worth knowing:
   `Backend.score`'s pooling hooks, the per-layer states `R_rep` needs. The reference code runs an extra
   no-grad forward over every completion for those states; here `R_rep` costs no forward at all. The
   states then carry the LoRA dropout of that forward, a noise of the same size as the one in the
-  log-probs the gradient uses.
+  log-probs the gradient uses; `rep_dropout=off` buys dropout-free states with that extra no-grad
+  forward per modality.
 * **Where text completions are scored** (`text_scored_under`). `text` (default, the paper): text
   completions' log-probs and hidden states are computed under the text prompt they were sampled from.
   `speech` (the public reference code): they are computed under the *speech* prompt of the same
@@ -40,6 +41,9 @@ per completion row for the rollouts and per question for the reference choice, s
 depend on how the step's questions are split over processes or micro-batches (`rl/distributed.py`);
 the question order is a function of (seed, epoch), and checkpoints hold the LoRA weights, optimizer,
 scheduler and RNG states.
+
+Every place where this differs from the paper or the public reference code, and the switch for it, is
+tabled in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -65,12 +69,13 @@ from torch import Tensor
 from tars.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
 from tars.config import Config, save_config
 from tars.data.schema import Record
-from tars.data.sources import DataConfig, load_data
+from tars.data.sources import DataConfig, check_data, load_data
 from tars.errors import UserError
 from tars.metrics_log import MetricsLog
 from tars.paths import resolve
 from tars.rewards.accuracy import accuracy_reward, base_reward
-from tars.rewards.alignment import SentenceEmbedder, alignment_rewards, select_layers, text_alignment_reward
+from tars.rewards.alignment import (SentenceEmbedder, alignment_rewards, resolve_embedder, select_layers,
+                                    text_alignment_reward)
 from tars.rewards.format import format_score
 from tars.rl.advantages import SPEECH, TEXT, group_advantages
 from tars.rl.distributed import Group
@@ -118,13 +123,31 @@ class TarsConfig(Config):
     text_rollouts: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    #: The temperature of the log-probs the loss uses: `sampling` = softmax(logits / temperature),
+    #: the distribution the rollouts came from (what the policy gradient needs; temperature 0 scores
+    #: at 1); `one` = softmax(logits) whatever the sampling temperature (tars before issue 14). Same
+    #: numbers at the paper's temperature 1. Top-p is never applied in scoring (docs/fidelity.md).
+    score_temperature: Literal["sampling", "one"] = "sampling"
     max_new_tokens: int = Field(512, ge=1)
     #: λ of R_base = R_acc + λ·R_fmt (paper 0.5; the reference code 1.0).
     format_weight: float = 0.5
+    #: R_fmt's values: `binary` (the paper) 1 for the strict format, else 0; `graded` (the reference
+    #: code) 1 strict / 0.5 loose / 0 (rewards/format.py). Reference code = graded + format_weight 1.
+    format_levels: Literal["binary", "graded"] = "binary"
     w_rep: float = 1.0
     w_beh: float = 1.0
-    #: Decoder layers R_rep averages over: all | shallow | middle | deep | last-k | [l1, l2, ...].
+    #: Decoder layers R_rep averages over: all | shallow | middle | deep | last-k | a-b | [l1, l2, ...].
     layers: str | list[int] = "all"
+    #: What shallow / middle / deep mean: `paper` = layers 1-10 / 11-20 / 21-30 (cut to the model's
+    #: depth: 21-28 on a 28-layer Qwen2); `equal_thirds` = the stack split in three (28 → 1-10 / 11-19 / 20-28).
+    layer_groups: Literal["paper", "equal_thirds"] = "paper"
+    #: The last decoder layer's state in R_rep: `pre_norm` = the last block's output, like every
+    #: other layer; `post_norm` = after the final norm (transformers' hidden_states[-1], the reference
+    #: code's). The paper does not say; only matters when the last layer is among `layers`.
+    last_layer: Literal["pre_norm", "post_norm"] = "pre_norm"
+    #: R_rep's hidden states: on (true) = from the grad-enabled forward of the loss (LoRA dropout
+    #: active, no extra pass); off (false) = from one more no-grad forward per modality without dropout.
+    rep_dropout: bool = True
     pooling: Literal["mean", "last"] = "mean"
     reference: Literal["random", "round_robin"] = "random"
     text_alignment: Literal["speech_mean", "zero", "none"] = "speech_mean"
@@ -133,6 +156,10 @@ class TarsConfig(Config):
     advantage_std: bool = False
     joint_groups: bool = False
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    #: Truncated completions are always masked out of the loss; True also counts their tokens
+    #: (sequences, for grpo / dr_grpo) in its normaliser, as DAPO's 1/Σ|o_i| over every sampled
+    #: completion reads; False (default) = kept ones only (docs/fidelity.md).
+    truncated_in_normalizer: bool = False
     eps_low: float = Field(0.2, ge=0)
     eps_high: float = Field(0.28, ge=0)
     beta: float = Field(0.0, ge=0)
@@ -150,8 +177,12 @@ class TarsConfig(Config):
     lora: LoraSettings = LoraSettings()
     #: Questions per gradient-accumulation micro-batch (whole question groups); None = the whole step.
     micro_batch_questions: int | None = Field(None, ge=1)
-    #: Sentence-transformers model folder for R_beh; None = the packaged all-MiniLM-L6-v2.
+    #: R_beh's sentence embedding model: a sentence-transformers folder or a hub id already in the
+    #: Hugging Face cache (the paper: Qwen/Qwen3-Embedding-0.6B); None = the packaged all-MiniLM-L6-v2.
     embedder: str | None = None
+    #: R_beh embeds completions with their <think>/<answer> tags removed (True) or as generated
+    #: (False, the paper).
+    beh_strip_tags: bool = False
     seed: int = 0
     save_every: int = Field(50, ge=1)
     keep_last: int = Field(2, ge=1)
@@ -170,7 +201,7 @@ class TarsConfig(Config):
     @classmethod
     def _layer_spec(cls, v):
         # The layer count is known only once the model loads; check the form now, the range then.
-        select_layers(v, 1 << 20)
+        select_layers(v, 1 << 20, "equal_thirds")
         return v
 
 
@@ -411,12 +442,17 @@ class TarsTrainer:
         self.lora = add_lora(backend, cfg.lora)
         self.params = list(self.lora.values())
         try:
-            self.layers = select_layers(cfg.layers, len(backend.decoder_layers())) if cfg.method in USES_REP else []
+            self.layers = (select_layers(cfg.layers, len(backend.decoder_layers()), cfg.layer_groups)
+                           if cfg.method in USES_REP else [])
         except ValueError as e:
             raise UserError(f"config: layers: {e}") from None
         self.embedder = None
         if cfg.method in USES_BEH:
             self.embedder = embedder or SentenceEmbedder(cfg.embedder, device=backend.device)
+        # How the policy-gradient forwards score (docs/fidelity.md): the sampling temperature, and what
+        # the last layer's state is when R_rep asks for it.
+        t = cfg.temperature if cfg.score_temperature == "sampling" and cfg.temperature > 0 else 1.0
+        self.score_kw = {"temperature": t, "last_layer": cfg.last_layer}
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, math.ceil(cfg.warmup_frac * total_steps))
 
@@ -441,12 +477,13 @@ class TarsTrainer:
         return [(qs, True) for qs in mbs] + [(mbs[-1], False)] * (n - len(mbs))
 
     def _base_rewards(self, texts: list[str], batch: Sequence[Record], G: int) -> tuple[Tensor, Tensor, Tensor]:
-        """R_acc, R_fmt and R_base = R_acc + λ·R_fmt, [Q, G] (rows prompt-major, as generated)."""
+        """R_acc, R_fmt and R_base = R_acc + λ·R_fmt, [Q, G] (rows prompt-major, as generated); R_fmt
+        binary or graded (`format_levels`)."""
         options = [r.options for r in batch for _ in range(G)]
         answers = [r.answer for r in batch for _ in range(G)]
         acc = accuracy_reward(texts, options, answers)
-        fmt = [format_score(t) for t in texts]
-        base = base_reward(texts, options, answers, self.cfg.format_weight)
+        fmt = [format_score(t, self.cfg.format_levels) for t in texts]
+        base = [a + self.cfg.format_weight * f for a, f in zip(acc, fmt)]
         return tuple(torch.tensor(x, dtype=torch.float32).view(len(batch), G) for x in (acc, fmt, base))
 
     def _rng(self, step: int, rec: Record) -> random.Random:
@@ -486,21 +523,22 @@ class TarsTrainer:
             # R_beh's sentence embeddings: one call over every completion of the step, only if used.
             emb_s = emb_t = None
             if self.embedder is not None:
-                emb = self.embedder.embed_completions(speech.texts + text.texts).float().cpu()
+                emb = self.embedder.embed_completions(speech.texts + text.texts, cfg.beh_strip_tags).float().cpu()
                 emb_s, emb_t = emb[: Q * Gs].view(Q, Gs, -1), emb[Q * Gs :].view(Q, Gt, -1)
 
         if cfg.method in IMITATION:
             extra = self._imitation_update(batch, prompts, speech, text, acc_s, acc_t, clock, step)
             return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
 
-        # Completions that hit the length limit are left out of the loss (step 6). The normaliser
-        # counts the WHOLE batch (every process's share), so the micro-batch losses add up to the
-        # batch loss.
+        # Completions that hit the length limit are left out of the loss (step 6), and of its
+        # normaliser unless `truncated_in_normalizer`. The normaliser counts the WHOLE batch (every
+        # process's share), so the micro-batch losses add up to the batch loss.
         keep_s = ~torch.tensor(speech.truncated, device=be.device)
         keep_t = ~torch.tensor(text.truncated, device=be.device)
         width = max(len(t) for t in speech.token_ids + text.token_ids)
+        counted = None if cfg.truncated_in_normalizer else torch.cat([keep_s, keep_t]).cpu()
         normalizer = group.sum(loss_normalizer(_token_mask(speech.token_ids + text.token_ids, width),
-                                               torch.cat([keep_s, keep_t]).cpu(), cfg.loss_type))
+                                               counted, cfg.loss_type))
         text_prompt = prompts["text"] if cfg.text_scored_under == "text" else prompts["speech"]
 
         rep, beh = torch.zeros(Q, Gs), torch.zeros(Q, Gs)
@@ -521,20 +559,33 @@ class TarsTrainer:
 
             # β > 0: the reference policy's log-probs (the model with its LoRA off), computed before
             # the policy's forwards so the toggle never touches a live graph.
+            kw = self.score_kw
             ref_s = ref_t = None
             if cfg.beta > 0:
                 with clock("score"), adapters_disabled(be):
-                    ref_s = be.score(prompt_s, comp_s, local_s).logprobs
-                    ref_t = be.score(prompt_t, comp_t, local_t).logprobs
+                    ref_s = be.score(prompt_s, comp_s, local_s, **kw).logprobs
+                    ref_t = be.score(prompt_t, comp_t, local_t, **kw).logprobs
+
+            # rep_dropout=off: R_rep's states from one more no-grad forward per modality, without
+            # dropout (the model is in eval mode here), instead of from the loss's forward below.
+            pooled_s = pooled_t = None
+            if self.layers and not cfg.rep_dropout:
+                with clock("score"):
+                    pooled_s = be.score(prompt_s, comp_s, local_s, self.layers, **kw).pooled[cfg.pooling]
+                    pooled_t = be.score(prompt_t, comp_t, local_t, self.layers, **kw).pooled[cfg.pooling]
 
             # 3. (forward) ONE grad-enabled forward per modality gives the completion tokens'
             #    log-probs for the loss AND, from the same forward, the chosen layers' hidden states
-            #    pooled over each completion for R_rep (no layers asked when the method has no R_rep).
+            #    pooled over each completion for R_rep (no layers asked when the method has no R_rep,
+            #    or when they came from the dropout-free forward above).
+            layers = self.layers if pooled_s is None else []
             be.train()
             with clock("score"):
-                s = be.score(prompt_s, comp_s, local_s, self.layers, grad=True, entropy=True)
-                t = be.score(prompt_t, comp_t, local_t, self.layers, grad=True, entropy=True)
+                s = be.score(prompt_s, comp_s, local_s, layers, grad=True, entropy=True, **kw)
+                t = be.score(prompt_t, comp_t, local_t, layers, grad=True, entropy=True, **kw)
             be.eval()
+            if self.layers and pooled_s is None:
+                pooled_s, pooled_t = s.pooled[cfg.pooling], t.pooled[cfg.pooling]
             if not counts:  # a lockstep stand-in: the same forwards and backward, weight zero
                 with clock("update"):
                     self.parallel.backward((s.logprobs.sum() + t.logprobs.sum()) * 0.0, last=i == len(plan) - 1)
@@ -551,8 +602,8 @@ class TarsTrainer:
                     for j, q in enumerate(qs):
                         pooled = {}
                         if self.layers:
-                            pooled = dict(speech_pooled=s.pooled[cfg.pooling][j * Gs : (j + 1) * Gs],
-                                          text_pooled=t.pooled[cfg.pooling][j * Gt : (j + 1) * Gt])
+                            pooled = dict(speech_pooled=pooled_s[j * Gs : (j + 1) * Gs],
+                                          text_pooled=pooled_t[j * Gt : (j + 1) * Gt])
                         if self.embedder is not None:
                             pooled.update(speech_emb=emb_s[q], text_emb=emb_t[q])
                         got = alignment_rewards((acc_t[q] == 1).tolist(), mode=cfg.reference,
@@ -782,7 +833,10 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
     if (out / "DONE").exists():
         print(f"{out} is finished (remove {out / 'DONE'} to train again)")
         return result
-    backend = _load_policy_model(cfg, group)  # first: a wrong model path fails before any synthesis
+    if cfg.method in USES_BEH:
+        resolve_embedder(cfg.embedder)  # an embedder missing offline fails before the model loads
+    check_data(cfg.data, "speech")  # a bad manifest fails in seconds, every problem listed
+    backend = _load_policy_model(cfg, group)  # then a wrong model path fails before any synthesis
     if group.main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
