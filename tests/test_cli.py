@@ -89,3 +89,24 @@ def test_make_excludes_questions_of_other_sets(tmp_path):
     seen = {json.loads(l)["question"] for l in train.read_text().splitlines()}
     got = [json.loads(l)["question"] for l in held.read_text().splitlines()]
     assert len(got) == 30 and not seen & set(got)
+
+
+def test_help_starts_with_the_demo():
+    assert "Start with `tars demo`" in " ".join(run_cli("--help").stdout.split())
+
+
+def test_data_make_names_the_n_given():
+    res = run_cli("data", "make", "--family", "all", "--n", "-3", "--out", "x.jsonl")
+    assert res.returncode == 2 and res.stderr.strip().endswith("got -3") and "Traceback" not in res.stderr
+
+
+def test_commands_print_no_library_progress_bars_or_deepspeed_warnings(tmp_path):
+    from tiny_models import tiny_qwen2_audio
+
+    model = tiny_qwen2_audio(tmp_path / "m")
+    f = write_jsonl(tmp_path / "d.jsonl", [good_row(0)])
+    res = run_cli("eval", "--model", model, "--data", f, "--modality", "text", "--out", tmp_path / "ev",
+                  "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr
+    for noise in ("Loading weights", "Writing model shards", "Setting accelerator", "[WARNING]"):
+        assert noise not in res.stderr + res.stdout

@@ -20,7 +20,9 @@ app = typer.Typer(
     name="tars",
     help=(
         "Measure and close the modality reasoning gap of Speech LLMs (TARS). "
-        "Start with `tars speak` to turn a multiple-choice JSONL file into spoken questions."
+        "Start with `tars demo`: the whole workflow on the bundled mini model (eval from speech and text, "
+        "a short TARS run, eval again, layer analysis, report) in ~10 minutes on a CPU. Then `tars train "
+        "--config configs/mini.yaml`, or a 7B recipe in configs/."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -43,7 +45,18 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    pass
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Output is tars's own progress bars and lines. Set before any command imports the libraries:
+    transformers' per-load bars ("Loading weights", "Writing model shards") follow huggingface_hub's
+    switch, and accelerate imports DeepSpeed whenever it is installed, which then warns on every
+    command of a machine without a GPU unless told its accelerator. A user's own settings win."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):  # no NVIDIA / ROCm driver
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @data_app.command("validate")
@@ -367,17 +380,27 @@ def analyze_layers(
     limit: int = typer.Option(100, help="First N questions (0 = all)."),
     completion: str = typer.Option("text_greedy", help="text_greedy (the model's own text answer) or gold."),
     batch_size: int = typer.Option(8, help="Questions per forward."),
+    cosine: str = typer.Option("per_token", help="per_token (the paper's figure: the cosine of each completion "
+                               "token's two states, averaged) or mean_pooled (the cosine of the mean-pooled states, "
+                               "as R_rep compares them)."),
+    last_layer: str = typer.Option("pre_norm", help="The last layer's state before (pre_norm) or after (post_norm) "
+                                   "the final norm (docs/fidelity.md)."),
 ) -> None:
     """Per decoder layer, the cosine between speech- and text-conditioned states of the same completion.
 
-    One completion per question is teacher-forced under both prompts; each layer's states are
-    mean-pooled over it (as R_rep pools them). Writes the curve of every model as JSON and one PNG.
+    One completion per question is teacher-forced under both prompts; per layer, the cosine of its
+    speech- and text-conditioned states (see --cosine). Writes the curve of every model as JSON and one PNG.
     """
-    from tars.eval.layers import run_layers
+    from tars.eval.layers import COSINES, run_layers
+    from tars.models.backend import LAST_LAYERS
 
     if completion not in ("text_greedy", "gold"):
         raise UserError(f"--completion: {completion!r} is not text_greedy or gold")
-    res = run_layers(model, data, out, limit or None, completion, batch_size)
+    if cosine not in COSINES:
+        raise UserError(f"--cosine: {cosine!r} is not one of {', '.join(COSINES)}")
+    if last_layer not in LAST_LAYERS:
+        raise UserError(f"--last-layer: {last_layer!r} is not one of {', '.join(LAST_LAYERS)}")
+    res = run_layers(model, data, out, limit or None, completion, batch_size, cosine=cosine, last_layer=last_layer)
     for name, ys in res["curves"].items():
         typer.echo(f"{name}: first layer {ys[0]:.3f}, middle {ys[len(ys) // 2]:.3f}, last {ys[-1]:.3f}")
     typer.echo(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
@@ -405,7 +428,7 @@ app.add_typer(experiment_app, name="experiment")
 def mini_table_cmd(
     ctx: typer.Context,
     config: Path = typer.Option(Path("configs/mini.yaml"), "--config", help="The RL config every trained row shares."),
-    heldout: Path = typer.Option(Path("runs/heldout.jsonl"), "--heldout", help="Held-out questions (see docs/results.md)."),
+    heldout: Path = typer.Option(Path("mini:heldout"), "--heldout", help="Held-out questions (default: the docs' set, regenerated; see docs/results.md)."),
     out: Path = typer.Option(Path("runs/mini_table"), "--out", help="One folder per row; table.md and report/."),
     rows: str = typer.Option(",".join(("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")),
                              help="Comma list of rows to run (done ones are skipped)."),

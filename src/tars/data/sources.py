@@ -37,7 +37,7 @@ def load_data(cfg: DataConfig, modality: Literal["text", "speech"]) -> tuple[lis
         from tars.data.bundled import resolve_data
 
         path = resolve_data(cfg.file)
-        records = read_records(path, check_audio_files=False)
+        records = read_records(path, check_audio_files=modality == "speech", max_audio_s=None)
         base = path.parent
     else:
         records = make_mixture(cfg.families, cfg.n, cfg.seed, cfg.difficulty)
@@ -49,6 +49,15 @@ def load_data(cfg: DataConfig, modality: Literal["text", "speech"]) -> tuple[lis
     if all(r.audio for r in records) and base is not None:
         return records, base
     return spoken(records, cfg.voice_seed)
+
+
+def check_data(cfg: DataConfig, modality: Literal["text", "speech"]) -> None:
+    """Refuse a bad data file (every problem listed, audio probed for speech) before any work starts."""
+    if cfg.file:
+        from tars.data.bundled import resolve_data
+        from tars.data.jsonl import check_files
+
+        check_files([resolve_data(cfg.file)], check_audio_files=modality == "speech")
 
 
 def spoken(records: list[Record], voice_seed: int = 0) -> tuple[list[Record], Path]:

@@ -20,7 +20,7 @@ from pydantic import Field
 from tars.atomic import atomic_write_text
 from tars.config import Config, save_config
 from tars.data.bundled import BUNDLED, resolve_data
-from tars.data.jsonl import read_records
+from tars.data.jsonl import check_files, read_records
 from tars.data.prompts import text_prompt
 from tars.eval.metrics import summarize
 from tars.rewards import extract_choice, format_score
@@ -84,6 +84,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     preds = out / "predictions.jsonl"
     rows = _read_done(preds)
     done = {(r["dataset"], r["modality"], r["id"]) for r in rows}
+    # Every data file checked before the model loads: all problems at once, each clip probed for speech.
+    check_files([resolve_data(a) for a in cfg.data], check_audio_files=bool({"speech", "cascade"} & set(cfg.modalities)))
     backend = load_backend(resolve(cfg.model))
     timing: dict[str, float] = {}
     transcriber = None

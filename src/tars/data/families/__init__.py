@@ -110,6 +110,7 @@ def make_mixture(names: list[str], n: int, seed: int, difficulty: int | None = N
     """
     if not names:
         raise UserError("a mixture needs at least one family")
+    _check_args(n, difficulty)  # before n is split over the families, so the error names the n given
     for name in names:
         _lookup(name)
     per = [n // len(names) + (1 if i < n % len(names) else 0) for i in range(len(names))]
@@ -121,6 +122,8 @@ def make_mixture(names: list[str], n: int, seed: int, difficulty: int | None = N
 def make_excluding(names: list[str], n: int, seed: int, exclude: set[str], difficulty: int | None = None) -> list[Record]:
     """`n` items whose question text is not in `exclude` (held-out sets), drawing twice as many items
     until enough survive."""
+    _check_args(n, difficulty)
+
     def draw(k: int) -> list[Record]:
         return make_family(names[0], k, seed, difficulty) if len(names) == 1 else make_mixture(names, k, seed, difficulty)
 
