@@ -17,15 +17,19 @@ Where to look (`extract_choice`):
 
 What counts as a stated choice, strongest first:
 
-* An explicit cue, `answer is`, `Answer:`, `final answer`, `correct option is`, `choice is`, …, then
-  an option's text or a letter (`option C`, `(C)`, `**C**`); and `\\boxed{…}`. Of several, the
+* An explicit cue, `answer is`, `Answer:`, `Answer - `, `final answer`, `correct option is`, `the
+  correct one is`, `choice is`, a first-person choice (`I choose`, `I'll go with`, `we pick`), …,
+  then an option's text or a letter (`option C`, `(C)`, `**C**`); `\\boxed{…}`; and a letter's own
+  verdict, `B is correct`, `(C) is the right answer`, `B) <B's text> is the best` (several letters
+  declared correct at once, `A and C are correct`, are unusable). Of several, the
   last one in the text wins, so "The answer is A. … wait, the answer is C." is C. If that last one
   is unusable (two letters, a letter beyond the options) the answer is `None`: the model's final
   word is what counts, so there is no falling back to a statement it took back.
 * The whole span is one letter (any case, wrappers and punctuation trimmed), or exactly one option's
   text.
-* Only inside an `<answer>` span: an upper-case letter wrapped as `(X)`, `[X]`, `**X**`, or labelled
-  `X)` / `X.` / `X:` at the start of the span. They must all agree.
+* Only inside an `<answer>` span: an upper-case letter wrapped as `(X)`, `[X]`, `**X**`, closed as
+  `X)` anywhere (`It has to be B) since …`), or labelled `X.` / `X:` at the start of the span. They
+  must all agree.
 * Only inside an `<answer>` span: an option's text appearing in it (case, spaces and punctuation
   normalised, whole words); an option contained in a longer matching option loses to it; two options
   named → `None`.
@@ -51,18 +55,37 @@ _ANSWER_CLOSE = re.compile(r"</answer\s*>", re.I)
 _THINK_CLOSE = re.compile(r"</think\s*>", re.I)
 _ANY_TAG = re.compile(r"</?(?:think|answer)\s*>", re.I)
 
-_CONNECTOR = r"(?:\s+(?:is|would\s+be|should\s+be|must\s+be|will\s+be)\b|\s*\**\s*[:=])"
+_CONNECTOR = (r"(?:\s+(?:is|would\s+be|should\s+be|must\s+be|will\s+be)\b"
+              r"|\s*\**\s*(?:[:=]|-{1,2}>?|[–—→]))")
 #: An explicit answer cue; the letter or option text comes right after it (past `_FILLER`).
 _CUE = re.compile(
-    rf"\bfinal\s+answer\b{_CONNECTOR}?|\b(?:(?:correct|right|best)\s+)?(?:answer|option|choice){_CONNECTOR}",
+    rf"\bfinal\s+answer\b{_CONNECTOR}?|\b(?:(?:correct|right|best)\s+)?(?:answer|option|choice)(?:\s+(?:here|now|then|overall))?{_CONNECTOR}"
+    rf"|\b(?:correct|right|best)\s+one{_CONNECTOR}"
+    # A first-person choice: "I choose C", "I'll go with B", "we would pick (D)".
+    r"|\b(?:I|we)(?:\s+(?:would|will|shall)|['’](?:ll|d))?\s+(?:(?:choose|chose|pick|picked|select|selected)\b"
+    r"|(?:go|went)\s+with\b|opt\s+for\b)",
     re.I,
+)
+#: A letter stating itself the choice: "B is correct", "(C) is the right answer", "option D is the
+#: best one", "B) quit eating lunch out is correct" (a label's option text may sit between).
+_POSTFIX_LETTER = re.compile(r"(?<![A-Za-z0-9'’])((?i:option|choice)\s+)?([(\[*]*)([A-J])([)\]*]*)(?=[\s,)\]*])")
+_POSTFIX_VERDICT = re.compile(
+    r"^[\s*_,]*(?:is|would\s+be|should\s+be|must\s+be)\s+(?:clearly\s+|definitely\s+|indeed\s+)?"
+    r"(?:the\s+)?(?:(?:correct|right|best)(?=\s*(?:[.!?,;:)\n]|$)"
+    r"|\s+(?:answer|option|choice|one|way|here|because|since|as|for)\b)|answer\b)",
+    re.I,
+)
+#: Several letters declared correct at once ("A and C are correct"): a stated but unusable choice.
+_POSTFIX_PLURAL = re.compile(
+    r"(?<![A-Za-z0-9'’])[(\[*]*[A-J][)\]*]*(?:\s*(?:,|and|or|&)\s*[(\[*]*[A-J][)\]*]*)+\s+are\s+(?:both\s+|all\s+)?"
+    r"(?:the\s+)?(?:correct|right|best)\b"
 )
 #: What may stand between a cue and the choice: spaces, markdown, LaTeX wrappers, opening brackets
 #: and quotes, and a few words that do not change the statement ("the answer is clearly option C").
 _FILLER = re.compile(
     r"(?:\s+|[:=,\-–—$*_(\[\"'`]|\\boxed\s*\{|\\(?:text|textbf|mathrm|mathbf)\s*\{"
     r"|\b(?:therefore|thus|hence|clearly|definitely|probably|likely|then|simply|indeed"
-    r"|option|choice|letter)\b)*",
+    r"|option|choice|letter|the)\b)*",
     re.I,
 )
 _BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?([^{}]*)\}")
@@ -81,7 +104,8 @@ _PRONOUN = re.compile(r"I\s*,?\s+[a-z]")
 #: A letter labelling the start of a span: `B)`, `(B)`, `B.`, `B:` (not `A.I.` or `A cat`).
 _LEADING = re.compile(r"^[\s*_]*[(\[]?([A-J])(?:[)\]]|[.:](?=[\s*_]|$))")
 #: A wrapped upper-case letter anywhere in an answer span.
-_WRAPPED = re.compile(r"\(([A-J])\)|\[([A-J])\]|\*\*([A-J])\*\*|__([A-J])__")
+#: (`B)` counts too when it starts a word: `It has to be B) since …`, not `(AB)` or `A.B)`.)
+_WRAPPED = re.compile(r"\(([A-J])\)|\[([A-J])\]|\*\*([A-J])\*\*|__([A-J])__|(?<![\w(.])([A-J])\)")
 #: What may sit between a letter and the option text it labels: `(A) text`, `A: text`, `A - text`.
 _LABEL_GAP = re.compile(r"^[\s:\-–—)\]}(*_]*")
 #: A letter followed by a sentence end or a comma ends its statement; what follows is not its label.
@@ -220,8 +244,41 @@ def _leading(span: str, n: int, norm_options: list[str]) -> str | None:
     return _check_label(_judge(m.group(1), n), span[m.end() :], norm_options) if m else None
 
 
+def _skip_option_text(text: str, norm_options: list[str]) -> tuple[str | None, str]:
+    """(the option whose whole text starts `text` — longest wins —, the text after it), or
+    (None, `text`) when no option's text starts it."""
+    letter = _option_prefix(text, norm_options)
+    if letter is None or letter == _BAD:
+        return letter, text
+    words = len(norm_options[LETTERS.index(letter)].split())
+    ends = [m.end() for m in re.finditer(r"\w+", text)]
+    return letter, text[ends[words - 1]:]
+
+
+def _postfix_readings(text: str, n: int, norm_options: list[str]) -> list[tuple[int, str]]:
+    """Letters that declare themselves the choice (`B is correct`, `(C) is the right answer`,
+    `B) <its option text> is the best`), and several at once (`A and C are correct`, `_BAD`), with
+    their positions. A bare `I` is the pronoun (`I would be the best judge`), never option I."""
+    found = [(m.start(), _BAD) for m in _POSTFIX_PLURAL.finditer(text)]
+    for m in _POSTFIX_LETTER.finditer(text):
+        named, opening, letter, closing = m.groups()
+        if letter == "I" and not (named or opening or closing):
+            continue
+        rest = text[m.end():]
+        if closing and not _STATEMENT_END.match(rest):
+            labelled, after = _skip_option_text(rest[_LABEL_GAP.match(rest).end():], norm_options)
+            if labelled is not None:
+                if not _POSTFIX_VERDICT.match(after):
+                    continue
+                found.append((m.start(), letter if labelled == letter else _BAD))
+                continue
+        if _POSTFIX_VERDICT.match(rest):
+            found.append((m.start(), _judge(letter, n)))
+    return found
+
+
 def _cue_readings(text: str, n: int, norm_options: list[str]) -> list[str]:
-    """Every choice stated through a cue or `\\boxed{}`, in text order."""
+    """Every choice stated through a cue, `\\boxed{}` or a letter's own verdict, in text order."""
     found: list[tuple[int, str]] = []
     for m in _CUE.finditer(text):
         reading = _after_cue(text[m.end() :], n, norm_options)
@@ -232,6 +289,7 @@ def _cue_readings(text: str, n: int, norm_options: list[str]) -> list[str]:
         reading = _whole(inner, n, norm_options) or _leading(inner, n, norm_options)
         if reading is not None:
             found.append((m.start(), reading))
+    found += _postfix_readings(text, n, norm_options)
     return [reading for _, reading in sorted(found, key=lambda pair: pair[0])]
 
 
