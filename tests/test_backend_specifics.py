@@ -242,3 +242,38 @@ def test_phi4_speech_lora_on_for_speech_off_for_text_as_peft_applies_it(phi, tmp
     again = load_backend(tmp_path / "saved")
     again_speech = again.build_inputs(recs[1:2], "speech", base_dir=d)
     torch.testing.assert_close(again.score(again_speech, [comp], [0]).logprobs[0], want, atol=1e-4, rtol=0)
+
+
+def test_phi4_speech_lora_on_text_prompts_is_a_folder_setting(phi, tmp_path):
+    """`tars_audio.json` `{"speech_lora": "always"}`: text prompts score with the speech LoRA too (the
+    native class's `set_adapter` route, docs/fidelity.md row 8); it survives save / load; a bad value
+    is one line naming the file."""
+    import json
+    import shutil
+
+    from tars.errors import UserError
+
+    paths, recs, d = phi
+    folder = tmp_path / "always"
+    shutil.copytree(d / "model", folder)
+    cfg = json.loads((folder / "tars_audio.json").read_text())
+    (folder / "tars_audio.json").write_text(json.dumps({**cfg, "speech_lora": "always"}))
+    only, always = load_backend(d / "model"), load_backend(folder)
+    assert only.speech_lora_on == "speech_only" and always.speech_lora_on == "always"
+    comp = [40, 51, 77, only.stop_token_ids[0]]
+    text = only.build_inputs(recs[1:2], "text")
+    speech = only.build_inputs(recs[1:2], "speech", base_dir=d)
+    got_always = always.score(text, [comp], [0]).logprobs[0]
+    got_only = only.score(text, [comp], [0]).logprobs[0]
+    assert (got_always - got_only).abs().max() > 1e-2  # the adapter is on for text now
+    only.speech_lora.active = True  # forced on by hand: what `always` must equal
+    forced = super(type(only), only).score(text, [comp], [0]).logprobs[0]  # Backend.score, no per-modality switch
+    torch.testing.assert_close(got_always, forced, atol=1e-6, rtol=0)
+    only.speech_lora.active = False
+    torch.testing.assert_close(always.score(speech, [comp], [0]).logprobs[0],
+                               only.score(speech, [comp], [0]).logprobs[0], atol=1e-6, rtol=0)
+    always.save_pretrained(tmp_path / "saved")
+    assert load_backend(tmp_path / "saved").speech_lora_on == "always"
+    (folder / "tars_audio.json").write_text('{"speech_lora": "sometimes"}')
+    with pytest.raises(UserError, match=r"tars_audio\.json.*speech_lora must be one of"):
+        load_backend(folder)

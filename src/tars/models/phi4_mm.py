@@ -28,7 +28,9 @@ PEFT folder, `speech-lora/`, that its docs load with `model.load_adapter(..., ad
 (and that `set_adapter` wants peft >= 0.22, newer than the pinned one). tars follows the original model:
 when the folder has `speech-lora/`, its LoRA is added (by forward hooks, the model's own modules
 untouched) to the speech condition's forwards and left out of the text condition's, chosen per batch by
-`PromptBatch.modality` in `generate` and `score`. A direct call of `decoder()` runs the base LLM.
+`PromptBatch.modality` in `generate` and `score`. A direct call of `decoder()` runs the base LLM. A model
+folder's `tars_audio.json` may say `{"speech_lora": "always"}` to apply it to text prompts too, as the
+native class's documented route does (docs/fidelity.md row 8); the default is `speech_only`.
 
 Audio length: the conformer attends over blocks of 500 states (40 s) and splits longer audio into
 independent blocks, so tars accepts clips up to 40 s by default (a question cut across blocks is not
@@ -61,6 +63,9 @@ from tars.models.qwen2_audio import default_cache_dir, encoder_fingerprint
 
 LORA_DIR = "speech-lora"
 AUDIO_LIMIT_FILE = "tars_audio.json"
+#: Which prompts the speech LoRA applies to: the original model's (`speech_only`) or every prompt
+#: (`always`, the native class after `set_adapter`).
+SPEECH_LORA_MODES = ("speech_only", "always")
 #: A PEFT LoRA tensor name: the adapted module, A or B (the adapter's name, when saved with one, skipped).
 _LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 #: States per conformer attention block (hard-coded in transformers' `Phi4MultimodalAudioModel`).
@@ -157,12 +162,16 @@ class LoRA(nn.Module):
 
 class Phi4MMBackend(Backend):
     def __init__(self, model: nn.Module, tokenizer, feature_extractor, cache: AudioCache | None = None,
-                 speech_lora: LoRA | None = None, max_audio_s: float | None = None, name: str = "phi4-mm"):
+                 speech_lora: LoRA | None = None, max_audio_s: float | None = None, name: str = "phi4-mm",
+                 speech_lora_on: str = "speech_only"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.speech_lora = speech_lora
+        if speech_lora_on not in SPEECH_LORA_MODES:
+            raise ValueError(f"speech_lora_on must be one of {SPEECH_LORA_MODES}, got {speech_lora_on!r}")
+        self.speech_lora_on = speech_lora_on
         audio = model.config.audio_config
         self.max_audio_s = float(max_audio_s or ENCODER_BLOCK * audio.time_reduction * 160 / SAMPLE_RATE)
         self.cache = cache or AudioCache(f"{name}-enc")
@@ -204,12 +213,13 @@ class Phi4MMBackend(Backend):
     # ---- the speech LoRA, per batch ----------------------------------------------------------------
     @contextlib.contextmanager
     def adapters_for(self, modality: str) -> Iterator[None]:
-        """The speech LoRA on for speech prompts, off for text ones (no-op without an adapter)."""
+        """The speech LoRA on for speech prompts, off for text ones unless `speech_lora_on` is `always`
+        (no-op without an adapter)."""
         lora = self.speech_lora
         if lora is None:
             yield
             return
-        before, lora.active = lora.active, modality == "speech"
+        before, lora.active = lora.active, modality == "speech" or self.speech_lora_on == "always"
         try:
             yield
         finally:
@@ -278,12 +288,7 @@ class Phi4MMBackend(Backend):
         if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != model.config.audio_config.input_size:
             raise UserError(f"{path}/preprocessor_config.json: {fe.sampling_rate} Hz, {fe.feature_size} bands do not "
                             f"match the model ({SAMPLE_RATE} Hz, {model.config.audio_config.input_size} bands)")
-        max_audio_s = None
-        if (path / AUDIO_LIMIT_FILE).exists():
-            try:
-                max_audio_s = float(json.loads((path / AUDIO_LIMIT_FILE).read_text())["max_audio_s"])
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path / AUDIO_LIMIT_FILE}: expected {{\"max_audio_s\": seconds}} ({e})") from None
+        max_audio_s, speech_lora_on = _audio_settings(path / AUDIO_LIMIT_FILE)
         model.to(device=device, dtype=dtype).eval()
         lora = None
         if (path / LORA_DIR).is_dir():
@@ -291,7 +296,7 @@ class Phi4MMBackend(Backend):
         enc = model.model.embed_tokens_extend.audio_embed.encoder
         cache = AudioCache(f"phi4mm-enc-{encoder_fingerprint(enc)}",
                            cache_dir if cache_dir is not None else default_cache_dir())
-        return cls(model, tokenizer, fe, cache, lora, max_audio_s, name=path.name)
+        return cls(model, tokenizer, fe, cache, lora, max_audio_s, name=path.name, speech_lora_on=speech_lora_on)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Save model + tokenizer + feature extractor (+ the speech LoRA, the audio limit), atomically."""
@@ -301,6 +306,29 @@ class Phi4MMBackend(Backend):
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             self.feature_extractor.save_pretrained(str(tmp))
-            (tmp / AUDIO_LIMIT_FILE).write_text(json.dumps({"max_audio_s": self.max_audio_s}) + "\n")
+            (tmp / AUDIO_LIMIT_FILE).write_text(
+                json.dumps({"max_audio_s": self.max_audio_s, "speech_lora": self.speech_lora_on}) + "\n")
             if self.speech_lora is not None:
                 self.speech_lora.save(tmp / LORA_DIR)
+
+
+def _audio_settings(file: Path) -> tuple[float | None, str]:
+    """(max_audio_s or None, speech_lora mode) from a model folder's `tars_audio.json`; both keys
+    optional, anything else in the file an error that names it."""
+    if not file.exists():
+        return None, "speech_only"
+    try:
+        got = json.loads(file.read_text())
+        if not isinstance(got, dict):
+            raise ValueError("not a JSON object")
+        unknown = sorted(set(got) - {"max_audio_s", "speech_lora"})
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}")
+        max_audio_s = float(got["max_audio_s"]) if got.get("max_audio_s") is not None else None
+        mode = got.get("speech_lora", "speech_only")
+        if mode not in SPEECH_LORA_MODES:
+            raise ValueError(f"speech_lora must be one of {', '.join(SPEECH_LORA_MODES)}, got {mode!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise UserError(f'{file}: expected {{"max_audio_s": seconds, "speech_lora": "speech_only"|"always"}} '
+                        f"({e})") from None
+    return max_audio_s, mode
