@@ -233,13 +233,16 @@ def test_prompt_batch_select_trims_padding_and_scores_the_same(tiny):
 
 
 @needs_espeak
-def test_micro_batches_add_up_to_the_whole_batch_update(tiny, tmp_path, lively):
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_micro_batches_add_up_to_the_whole_batch_update(tiny, tmp_path, lively, loss_type):
+    """DAPO (the default) normalises by the whole batch's kept tokens, grpo per sequence, dr_grpo by a
+    constant: under each, micro-batches' summed gradients must be the whole batch's."""
     lora = {}
     for mb in (None, 1):
         tr, batch, base_dir = trainer(tiny, tmp_path / str(mb), micro_batch_questions=mb, speech_rollouts=4,
-                                      text_rollouts=4, lora={"dropout": 0.0}, loss_type="grpo", lr=1e-4)
+                                      text_rollouts=4, lora={"dropout": 0.0}, loss_type=loss_type, lr=1e-4)
         row = tr.step(batch, base_dir, 0)
-        assert row["loss"] != 0
+        assert row["grad_norm"] > 0 and row["truncated"] < 1  # something was learned from kept rollouts
         lora[mb] = ({k: v.detach().clone() for k, v in tr.lora.items()}, row["loss"], row["grad_norm"])
     (a, la, ga), (b, lb, gb) = lora[None], lora[1]
     assert la == pytest.approx(lb, abs=1e-6) and ga == pytest.approx(gb, rel=1e-5)
@@ -247,6 +250,80 @@ def test_micro_batches_add_up_to_the_whole_batch_update(tiny, tmp_path, lively):
     # on a near-zero gradient shows up at up to ~lr: a small lr keeps the check about the gradients.
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+@needs_espeak
+@pytest.mark.parametrize("dropout,rep_dropout", [(0.0, True), (0.3, False)])
+def test_a_steps_r_rep_is_the_cosine_of_independently_scored_states(tiny, tmp_path, lively, monkeypatch,
+                                                                      dropout, rep_dropout):
+    """R_rep of each speech rollout = the mean over the chosen layers of the cosine between its pooled
+    states and those of its (round-robin) correct text reference, both scored again here, apart from
+    the step, by the policy as it was before the update. Without LoRA dropout the loss's forward gives
+    exactly those states; with dropout, `rep_dropout=false` must give the dropout-free ones."""
+    import torch.nn.functional as F
+
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo_rep", layers="2-4", reference="round_robin",
+                                  lora={"dropout": dropout}, rep_dropout=rep_dropout, max_new_tokens=8,
+                                  speech_rollouts=3, text_rollouts=3)
+    before = {k: v.detach().clone() for k, v in tr.lora.items()}
+    calls = spy_scores(tr.backend, monkeypatch)
+    tr.step(batch, base_dir, 0)
+    rec = tr.last
+    with torch.no_grad():  # back to the weights the step scored with
+        for k, p in tr.lora.items():
+            p.copy_(before[k])
+    be = tr.backend.eval()
+    comps = {c["modality"]: c["completions"] for c in calls if c["grad"]}
+    Q, G = len(batch), 3
+    states = {}
+    for modality in ("speech", "text"):
+        prompts = be.build_inputs(batch, modality, base_dir=base_dir)
+        with torch.no_grad():
+            states[modality] = be.score(prompts, comps[modality], [q for q in range(Q) for _ in range(G)],
+                                        [2, 3, 4]).pooled["mean"].view(Q, G, 3, -1)
+    checked = 0
+    for q in range(Q):
+        correct = [g for g in range(G) if tars_mod.accuracy_reward([rec.text_texts[q * G + g]], [None], [None])[0] == 1]
+        for j in range(G):
+            if not correct:
+                assert rec.rep[q, j] == 0
+                continue
+            ref = correct[j % len(correct)]
+            want = F.cosine_similarity(states["speech"][q, j], states["text"][q, ref], dim=-1).mean()
+            torch.testing.assert_close(rec.rep[q, j], want, atol=1e-5, rtol=0)
+            checked += 1
+    assert checked > 0  # some question had a correct text reference
+
+
+@needs_espeak
+def test_rewards_and_advantages_carry_no_gradient(tiny, tmp_path, lively, monkeypatch):
+    """Pooled states, rewards and advantages are constants of the policy gradient: a gradient through
+    them would turn R_rep into a differentiable loss term the paper does not have."""
+    seen = []
+    real_align, real_surrogate = tars_mod.alignment_rewards, tars_mod.clipped_surrogate
+
+    def align(*a, **k):
+        for key in ("speech_pooled", "text_pooled", "speech_emb", "text_emb"):
+            seen.append((key, k[key]))
+        got = real_align(*a, **k)
+        seen.extend([("rep", got.rep), ("beh", got.beh)])
+        return got
+
+    def surrogate(logprobs, old, adv, *a, **k):
+        seen.extend([("old_logprobs", old), ("advantages", adv)])
+        assert logprobs.requires_grad  # the one tensor that must carry it
+        return real_surrogate(logprobs, old, adv, *a, **k)
+
+    monkeypatch.setattr(tars_mod, "alignment_rewards", align)
+    monkeypatch.setattr(tars_mod, "clipped_surrogate", surrogate)
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2")
+    tr.step(batch, base_dir, 0)
+    assert {k for k, _ in seen} >= {"speech_pooled", "text_pooled", "speech_emb", "rep", "beh", "advantages"}
+    for key, t in seen:
+        assert not t.requires_grad and t.grad_fn is None, key
+    rec = tr.last
+    for t in (rec.speech_reward, rec.text_reward, rec.speech_adv, rec.text_adv, rec.rep, rec.beh):
+        assert not t.requires_grad
 
 
 @needs_espeak
