@@ -29,9 +29,5 @@ def make_lively(setattr_):
     def acc(texts, options, answers):
         return [float(sum(t.encode()) % 2) for t in texts]
 
-    def base(texts, options, answers, format_weight=0.5):
-        return [a + format_weight * tars_mod.format_score(t) for a, t in zip(acc(texts, options, answers), texts)]
-
     setattr_(Backend, "generate", generate)
     setattr_(tars_mod, "accuracy_reward", acc)
-    setattr_(tars_mod, "base_reward", base)

@@ -46,6 +46,8 @@ def test_base_reward_adds_weighted_format():
     assert base_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.5, 0.25, 0.0, 1.5, 1.25]
     # λ=1 (the reference code's weight): 2, 0.5, 0, 2, 1.5
     assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_weight=1.0) == [2.0, 0.5, 0.0, 2.0, 1.5]
+    # binary R_fmt (the paper): loose formats earn nothing: 1.5, 0, 0, 1.5, 1
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_levels="binary") == [1.5, 0.0, 0.0, 1.5, 1.0]
 
 
 def test_base_reward_rejects_unpaired_lists():

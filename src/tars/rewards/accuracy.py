@@ -9,7 +9,7 @@ trainer, the evaluator and the tests all get the same number for the same text.
 from __future__ import annotations
 
 from tars.rewards.answer import extract_choice
-from tars.rewards.format import format_score
+from tars.rewards.format import FormatLevels, format_score
 
 #: λ of `R_base = R_acc + λ·R_fmt` in the paper (the reference code uses 1.0 with the same 1/0.5/0 scale).
 FORMAT_WEIGHT = 0.5
@@ -38,14 +38,17 @@ def accuracy_reward(completions: list[str], options: list[list[str]], answers: l
 
 
 def base_reward(
-    completions: list[str], options: list[list[str]], answers: list[str], format_weight: float = FORMAT_WEIGHT
+    completions: list[str], options: list[list[str]], answers: list[str], format_weight: float = FORMAT_WEIGHT,
+    format_levels: FormatLevels = "graded",
 ) -> list[float]:
     """`R_base = R_acc + λ·R_fmt` per completion (DESIGN §2 step 2), λ = `format_weight`.
 
-    `R_fmt` is `format_score` (1 strict, 0.5 loose, 0 otherwise), so with λ = 0.5 a right answer in the
-    exact format scores 1.5, a right answer in a loose format 1.25, a wrong answer in the exact
-    format 0.5. Every rollout gets this, speech and text alike; only speech rollouts add the alignment
-    terms (`tars.rewards.alignment`).
+    `R_fmt` is `format_score` at `format_levels`: graded (1 strict, 0.5 loose, 0 otherwise), so with
+    λ = 0.5 a right answer in the exact format scores 1.5, a right answer in a loose format 1.25, a
+    wrong answer in the exact format 0.5; or binary (the paper, and the trainer's default: 1 strict,
+    else 0). Every rollout gets this, speech and text alike; only speech rollouts add the alignment
+    terms (`tars.rewards.alignment`). The trainer computes the same sum from the two parts, which it
+    also logs.
     """
     acc = accuracy_reward(completions, options, answers)
-    return [a + format_weight * format_score(text) for a, text in zip(acc, completions)]
+    return [a + format_weight * format_score(text, format_levels) for a, text in zip(acc, completions)]

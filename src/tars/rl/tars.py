@@ -73,7 +73,7 @@ from tars.data.sources import DataConfig, check_data, load_data
 from tars.errors import UserError
 from tars.metrics_log import MetricsLog
 from tars.paths import resolve
-from tars.rewards.accuracy import accuracy_reward, base_reward
+from tars.rewards.accuracy import accuracy_reward
 from tars.rewards.alignment import (SentenceEmbedder, alignment_rewards, resolve_embedder, select_layers,
                                     text_alignment_reward)
 from tars.rewards.format import format_score

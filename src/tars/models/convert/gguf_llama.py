@@ -78,12 +78,22 @@ def load_gguf_llama(gguf: str | os.PathLike | None = None):
     check_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    # transformers draws its own bar over the GGUF tensors (plain tqdm, deaf to huggingface_hub's
+    # switch): tars's commands show their own progress instead.
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     except (ValueError, OSError, EOFError) as e:
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot load GGUF model ({msg})") from None
+    finally:
+        gguf_utils.tqdm = bar
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{path}: GGUF carries no chat template (tokenizer.chat_template)")
     tokenizer.model_max_length = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
