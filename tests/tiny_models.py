@@ -30,7 +30,7 @@ def make_tokenizer(vocab_size: int = 400, extra_specials: list[str] | None = Non
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = SPECIALS + [t for t in (extra_specials or []) if t not in SPECIALS]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [SYSTEM_PROMPT, "<think>We add the numbers.</think><answer>The answer is B.</answer>",
               "What is 2 plus 2? A. 3 B. 4 C. 5 D. 6", "Audio 1: user assistant system"] * 20
