@@ -141,10 +141,18 @@ class Qwen2AudioBackend(Backend):
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
     """Identifies an encoder by its weights (a strided sample of every tensor), not by the folder it came
-    from: the mini model's stages (base, SFT, aligned, trained) share one encoder and so one cache."""
+    from: the mini model's stages (base, SFT, aligned, trained) share one encoder and so one cache.
+
+    The dtype and device kind the encoder runs in are part of it: the same weights give outputs that
+    differ by round-off in float16 or on a GPU, and a cache shared across them would make a run's
+    speech prompts depend on which run filled the cache first (Whisper's fp16-born weights sample the
+    same in float16 and float32, so the weights alone could not tell those apart)."""
     import hashlib
 
     h = hashlib.sha1()
+    first = next(encoder.parameters(), None)
+    if first is not None:
+        h.update(f"{first.dtype}|{first.device.type}".encode())
     for name, t in sorted(encoder.state_dict().items()):
         flat = t.detach().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}".encode())
