@@ -274,6 +274,43 @@ def test_row_seeded_sampling_does_not_depend_on_the_batch(setup):
     assert both.token_ids[0] != both.token_ids[1] or both.token_ids[2] != both.token_ids[3]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_paired_generation_gives_each_part_what_it_gets_alone(setup, temperature):
+    """Speech and text prompts prefilled once each, their rows (2 and 3 samples per prompt) decoded
+    in one batch: every row's tokens and sampler log-probs are those of its part generated alone.
+    (Phi-4 with its speech LoRA decodes the parts one by one: its two modalities run different weights.)"""
+    backend, recs, d = setup
+    speech = backend.build_inputs(recs, "speech", base_dir=d)
+    text = backend.build_inputs(recs, "text")
+    seeds_s, seeds_t = list(range(100, 106)), list(range(200, 209))
+    a, b = backend.generate_paired([(speech, 2, seeds_s), (text, 3, seeds_t)], temperature, 0.9, 7, logprobs=True)
+    a1 = backend.generate(speech, 2, temperature, 0.9, 7, row_seeds=seeds_s, logprobs=True)
+    b1 = backend.generate(text, 3, temperature, 0.9, 7, row_seeds=seeds_t, logprobs=True)
+    for got, want in ((a, a1), (b, b1)):
+        assert got.token_ids == want.token_ids and got.truncated == want.truncated
+        assert got.prompt_index == want.prompt_index
+        for x, y in zip(got.logprobs, want.logprobs):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-4, rtol=0)
+    assert a.prompt_index == [0, 0, 1, 1, 2, 2] and b.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    mixes = backend.can_mix(["speech", "text"])
+    assert mixes == (getattr(backend, "speech_lora", None) is None)
+
+
+def test_one_prefill_per_prompt_whatever_the_samples(setup, monkeypatch):
+    """The prompt goes through the decoder once, [prompts × length], not once per sample."""
+    backend, recs, d = setup
+    batch = backend.build_inputs(recs, "text")
+    shapes = []
+    hook = backend.decoder().register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        backend.generate(batch, num_samples=4, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, batch.embeds.shape[1])  # the prefill: 3 prompts, not 12 rows
+    assert all(s[1] == 1 for s in shapes[1:]) and shapes[1][0] == 12
+
+
 def test_inverse_cdf_sampling_by_hand():
     from tars.models.backend import sample_next
 
@@ -369,3 +406,32 @@ def test_loading_errors(tmp_path, setup):
     w.write_bytes(w.read_bytes()[:1000])
     with pytest.raises(UserError, match="could not load the weights|corrupt weight file"):
         load_backend(tmp_path / "corrupt")
+
+
+def test_the_encoder_cache_is_not_shared_across_dtypes(setup, tmp_path, monkeypatch):
+    """A float16 run must not fill the cache a float32 run reads (Whisper-born weights are float16
+    exact, so the weights alone sample the same in both): else a run's speech prompts depend on which
+    run came first (issue 14's irreproducible speech rollouts)."""
+    backend, recs, d = setup
+    monkeypatch.setenv("TARS_HOME", str(tmp_path / "home"))
+    folder = d / "model"
+    half = load_backend(folder, dtype=torch.float16)
+    full = load_backend(folder)
+    assert half.cache.namespace != full.cache.namespace
+    half.encode_audio([d / "a0.wav"])  # fills the disk cache first, in float16
+    cold = load_backend(folder).encode_audio([d / "a0.wav"])[0]
+    fresh = full._encode([d / "a0.wav"])[0]
+    assert torch.equal(cold, fresh)
+
+
+def test_encoder_fingerprint_tells_float16_from_float32_even_for_float16_born_weights():
+    import copy
+
+    from tars.models.qwen2_audio import encoder_fingerprint
+
+    enc = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(p.half().float())  # exactly representable in float16, like Whisper's CT2 weights
+    assert encoder_fingerprint(enc) == encoder_fingerprint(copy.deepcopy(enc))
+    assert encoder_fingerprint(enc) != encoder_fingerprint(copy.deepcopy(enc).half())

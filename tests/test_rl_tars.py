@@ -140,7 +140,7 @@ def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path
     tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2")
     calls = spy_scores(tr.backend, monkeypatch)
     tr.step(batch, base_dir, 0)
-    assert [(c["layers"], c["modality"]) for c in calls] == [([3, 4], "speech"), ([3, 4], "text")]
+    assert [(c["layers"], c["modality"]) for c in calls] == [([3, 4], "text"), ([3, 4], "speech")]
     rec = tr.last
     assert rec.rep.any() and rec.beh.any()  # some text rollout was right, so references existed
     torch.testing.assert_close(rec.speech_reward, rec.speech_base + rec.rep + rec.beh)
@@ -153,33 +153,34 @@ def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path
 @needs_espeak
 @pytest.mark.parametrize("scored_under", ["text", "speech"])
 def test_hidden_states_come_from_the_log_prob_forward(tiny, tmp_path, lively, monkeypatch, scored_under):
-    """Per step the decoder runs once per generated token (prefill + decode steps) and once per
-    `score`: asking for hidden states (tars) adds no pass over grpo, which asks for none."""
+    """Per step the decoder runs once per prompt batch (the prefills), once per decoded token for speech
+    and text rows together, and once per `score`: asking for hidden states (tars) adds no pass over
+    grpo, which asks for none."""
     counts = {}
     for method in ("grpo", "tars"):
         tr, batch, base_dir = trainer(tiny, tmp_path / method, method=method, text_scored_under=scored_under)
         be = tr.backend
         forwards, gens = [], []
         be.decoder().register_forward_pre_hook(lambda *_: forwards.append(1))
-        real_generate = be.generate
+        real_generate = be.generate_paired
 
-        def generate(*a, **k):
-            # the decoder calls of one generate: the longest row's sampled tokens (its last token is
-            # sampled from the previous pass, so prefill + (longest - 1) decode steps)
+        def generate_paired(*a, **k):
+            # the decoder calls of one paired generation: a prefill per modality, then the longest
+            # row's sampled tokens (its last token is sampled from the previous pass: longest - 1 steps)
             before = len(forwards)
             g = real_generate(*a, **k)
             gens.append(len(forwards) - before)
             return g
 
-        monkeypatch.setattr(be, "generate", generate)
+        monkeypatch.setattr(be, "generate_paired", generate_paired)
         calls = spy_scores(be, monkeypatch)
         tr.step(batch, base_dir, 0)
-        # a random model never stops within 6 tokens: prefill + 5 decode steps per generate
-        assert gens == [6, 6]
+        # a random model never stops within 6 tokens: 2 prefills + 5 decode steps, speech and text together
+        assert gens == [2 + 5]
         assert len(calls) == 2
-        assert [c["modality"] for c in calls] == ["speech", scored_under]
+        assert [c["modality"] for c in calls] == [scored_under, "speech"]
         counts[method] = len(forwards)
-    assert counts["tars"] == counts["grpo"] == 6 + 6 + 2  # two generates, one score per modality
+    assert counts["tars"] == counts["grpo"] == 7 + 2  # one paired generation, one score per modality
 
 
 def test_text_alignment_constant_cancels_in_text_advantages():

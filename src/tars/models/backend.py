@@ -284,42 +284,91 @@ class Backend(nn.Module):
         `logprobs`: also return each token's log-probability under the sampling distribution, which
         the trainer compares with the same token's log-prob from its scoring forward (rl/losses.py).
         """
-        self._check_room(inputs, max_new_tokens)
-        index = torch.arange(len(inputs), device=inputs.embeds.device).repeat_interleave(num_samples)
-        embeds = inputs.embeds.index_select(0, index)
-        mask = inputs.attention_mask.index_select(0, index)
-        N = embeds.shape[0]
-        uniforms = None
-        if row_seeds is not None:
-            if len(row_seeds) != N:
-                raise ValueError(f"row_seeds: need {N} (one per completion row), got {len(row_seeds)}")
-            uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)),
-                                               dtype=torch.float64) for s in row_seeds]).to(embeds.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self._decode([(inputs, num_samples, row_seeds)], temperature, top_p, max_new_tokens, generator,
+                            min_new_tokens, logprobs)[0]
+
+    def can_mix(self, modalities: Sequence[str]) -> bool:
+        """Whether prompts of these modalities may share one decode batch (they run the same weights)."""
+        return True
+
+    @torch.no_grad()
+    def generate_paired(
+        self,
+        parts: Sequence[tuple[PromptBatch, int, Sequence[int] | None]],
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
+        logprobs: bool = False,
+    ) -> list[Generation]:
+        """`generate` for several prompt batches at once — a step's speech and text prompts — each part
+        `(inputs, num_samples, row_seeds)`: every part is prefilled once per prompt, and all their rows
+        decode in ONE batch. Row-seeded sampling makes each row's tokens those `generate` gives it on
+        its own (up to padding round-off). Backends whose modalities run different weights (Phi-4's
+        speech LoRA) decode part by part."""
+        if not self.can_mix([inp.modality for inp, _, _ in parts]):
+            return [self.generate(inp, n, temperature, top_p, max_new_tokens, None, min_new_tokens, seeds, logprobs)
+                    for inp, n, seeds in parts]
+        return self._decode(parts, temperature, top_p, max_new_tokens, None, min_new_tokens, logprobs)
+
+    def _decode(self, parts, temperature: float, top_p: float, max_new_tokens: int,
+                generator: torch.Generator | None, min_new_tokens: int, logprobs: bool) -> list[Generation]:
+        """The decode loop behind `generate` / `generate_paired`.
+
+        Prefill: each prompt once; its KV cache, mask and last state are then repeated for its
+        samples (`batch_repeat_interleave`), and the parts' caches are joined left-padded under the
+        mask (`_join_caches`). Decode: one forward per token for every live row; rows that stopped
+        leave the batch and the cache; one host sync per token (how many rows stopped)."""
         dec, head = self.decoder(), self.lm_head()
-        out = dec(inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=True)
-        cache, last = out.cache, out.last_hidden_state[:, -1]
-        next_pos = pos[:, -1:] + 1
-        stops = torch.tensor(self.stop_token_ids, device=embeds.device)
+        cache = mask = next_pos = last = None
+        index_of, uniforms = [], []
+        for inputs, num_samples, row_seeds in parts:
+            self._check_room(inputs, max_new_tokens)
+            n_rows = len(inputs) * num_samples
+            if row_seeds is not None and len(row_seeds) != n_rows:
+                raise ValueError(f"row_seeds: need {n_rows} (one per completion row), got {len(row_seeds)}")
+            pos = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = dec(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                      position_ids=self.positions(pos), use_cache=True)
+            part_cache = out.cache
+            if num_samples > 1:
+                part_cache.batch_repeat_interleave(num_samples)
+            part_mask = inputs.attention_mask.repeat_interleave(num_samples, 0)
+            part_last = out.last_hidden_state[:, -1].repeat_interleave(num_samples, 0)
+            part_pos = (pos[:, -1:] + 1).repeat_interleave(num_samples, 0)
+            if cache is None:
+                cache, mask, next_pos, last = part_cache, part_mask, part_pos, part_last
+            else:
+                mask = _join_caches(cache, part_cache, mask, part_mask)
+                next_pos, last = torch.cat([next_pos, part_pos]), torch.cat([last, part_last])
+            index_of.append(torch.arange(len(inputs)).repeat_interleave(num_samples).tolist())
+            if row_seeds is not None:
+                uniforms += [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)),
+                                        dtype=torch.float64) for s in row_seeds]
+            elif any(seeds is not None for _, _, seeds in parts):
+                raise ValueError("row_seeds: give them for every part or for none")
+        device = last.device
+        N = last.shape[0]
+        rand = torch.stack(uniforms).to(device) if uniforms else None
+        stops = torch.tensor(self.stop_token_ids, device=device)
         pad = self.stop_token_ids[0]
-        tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=embeds.device)
-        token_lp = torch.zeros(N, max_new_tokens, device=embeds.device) if logprobs else None
-        # Rows that stopped leave the batch (and the KV cache): a batch then costs what its live rows
-        # cost, not what its longest answer costs for every row.
-        alive = torch.arange(N, device=embeds.device)
+        tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)
+        token_lp = torch.zeros(N, max_new_tokens, device=device) if logprobs else None
+        alive = torch.arange(N, device=device)
         for step in range(max_new_tokens):
             logits = head(last).float()
             if step < min_new_tokens:
                 logits[:, stops] = float("-inf")
             nxt, lp = sample_next_with_logprob(logits, temperature, top_p, generator,
-                                               None if uniforms is None else uniforms[alive, step])
+                                               None if rand is None else rand[alive, step])
             tokens[alive, step] = nxt
             if token_lp is not None:
                 token_lp[alive, step] = lp
             finished = torch.isin(nxt, stops)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            n_done = int(finished.sum())  # the step's one host sync
+            if n_done == len(alive) or step == max_new_tokens - 1:
                 break
-            if bool(finished.any()):
+            if n_done:
                 keep = (~finished).nonzero().flatten()
                 cache.batch_select_indices(keep)
                 alive, nxt, mask, next_pos = alive[keep], nxt[keep], mask[keep], next_pos[keep]
@@ -333,16 +382,25 @@ class Backend(nn.Module):
             )
             cache, last = out.cache, out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
-        ids: list[list[int]] = []
-        truncated: list[bool] = []
         stop_set = set(self.stop_token_ids)
-        for row in tokens.tolist():
-            cut = next((j for j, t in enumerate(row) if t in stop_set), None)
-            ids.append(row if cut is None else row[: cut + 1])
-            truncated.append(cut is None)
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        lps = None if token_lp is None else [row[: len(r)] for row, r in zip(token_lp.tolist(), ids)]
-        return Generation(ids, texts, truncated, index.tolist(), lps)
+        all_tokens = tokens.tolist()
+        all_lps = None if token_lp is None else token_lp.tolist()
+        gens, row = [], 0
+        for index in index_of:
+            ids: list[list[int]] = []
+            truncated: list[bool] = []
+            lps = None if all_lps is None else []
+            for r in range(row, row + len(index)):
+                seq = all_tokens[r]
+                cut = next((j for j, t in enumerate(seq) if t in stop_set), None)
+                ids.append(seq if cut is None else seq[: cut + 1])
+                truncated.append(cut is None)
+                if lps is not None:
+                    lps.append(all_lps[r][: len(ids[-1])])
+            row += len(index)
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+            gens.append(Generation(ids, texts, truncated, index, lps))
+        return gens
 
     @torch.no_grad()
     def generate_stream(
@@ -515,22 +573,61 @@ class Backend(nn.Module):
                     h.remove()
             if from_output is not None:
                 pool_states(from_output, hidden)
-            # Completion token t is predicted at position P + t - 1.
-            logits = self.lm_head()(hidden[:, P - 1 : P + T - 1]).float()
-            if temperature != 1.0:
-                logits = logits / temperature
-            logp_all = torch.log_softmax(logits, -1)
-            logprobs = logp_all.gather(-1, comp[..., None]).squeeze(-1)
-            logprobs = torch.where(cmask, logprobs, 0.0)  # not `* cmask`: a padded position may be NaN
+            # Completion token t is predicted at position P + t - 1. Only the real completion tokens
+            # go through the LM head, in chunks (`token_logprobs`): never an [N, T, vocab] tensor.
+            where = cmask.nonzero(as_tuple=True)
+            lp, ent = token_logprobs(self.lm_head(), hidden[:, P - 1 : P + T - 1][where], comp[where],
+                                     temperature, entropy)
+            # Scattered into zeros: a padded position never holds anything but 0 (never NaN).
+            logprobs = torch.zeros(N, T, dtype=lp.dtype, device=device).index_put(where, lp)
         result = Scores(logprobs, cmask, layers)
         if entropy:
-            with torch.no_grad():  # row by row: one more [T, vocab] tensor at a time, not [N, T, vocab]
-                lp = logp_all.detach()
-                ent = torch.stack([-(lp[r].exp() * lp[r]).sum(-1) for r in range(N)])
-                result.entropy = torch.where(cmask, ent, 0.0)
+            result.entropy = torch.zeros(N, T, dtype=ent.dtype, device=device).index_put(where, ent)
         if layers:
             result.pooled = {"mean": (sum_buf / count).transpose(0, 1), "last": last_buf.transpose(0, 1)}
         return result
+
+    def checkpoint_blocks(self, on: bool = True) -> None:
+        """Activation checkpointing of the decoder blocks: with grad enabled, each block keeps only its
+        input for the backward and recomputes its inside there (one more forward of the blocks, the
+        memory of one block's activations instead of all of them).
+
+        Our own wrapper of each block's `forward` rather than transformers' `gradient_checkpointing_enable`
+        (being renamed across 5.x): the block's module hooks (`score`'s pooling) still fire once, on
+        the outer call; dropout masks are replayed (the RNG state and the modules' train/eval flags
+        of the forward are restored for the recompute); a no-grad forward (generation, reference
+        scoring) runs the block plainly."""
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.decoder_layers():
+            plain = block.__dict__.pop("_tars_plain_forward", None)
+            if plain is not None:  # undo an earlier call
+                block.forward = plain
+            if not on:
+                continue
+            plain = block.forward
+            block._tars_plain_forward = plain
+
+            def forward(*args, _plain=plain, _block=block, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _plain(*args, **kwargs)
+                # The recompute runs in the backward, by which time the trainer may have switched
+                # the model to eval mode: replay the train/eval flags of the forward (dropout on).
+                modes = [(m, m.training) for m in _block.modules()]
+
+                def run(*a, **k):
+                    now = [m.training for m, _ in modes]
+                    for m, training in modes:
+                        m.training = training
+                    try:
+                        return _plain(*a, **k)
+                    finally:
+                        for (m, _), training in zip(modes, now):
+                            m.training = training
+
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+            block.forward = forward
 
     @property
     def device(self) -> torch.device:
@@ -539,6 +636,48 @@ class Backend(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.decoder().parameters()).dtype
+
+
+#: Bytes of float32 logits one chunk of `token_logprobs` may hold: 64 MiB is 341 tokens of a
+#: 49k vocabulary (the mini model), 110 of Qwen2's 152k.
+LOGIT_CHUNK_BYTES = 64 << 20
+
+
+def token_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
+                   entropy: bool = False, chunk_bytes: int = LOGIT_CHUNK_BYTES) -> tuple[Tensor, Tensor | None]:
+    """log softmax(head(h) / temperature)[target] for each row of `hidden` [M, H] (float32, [M]), and
+    the entropy of that distribution (no grad) when asked.
+
+    In chunks of rows whose float32 logits fit `chunk_bytes`. With grad enabled each chunk is
+    recomputed in the backward (`torch.utils.checkpoint`): what the graph keeps is the hidden states,
+    not [M, vocab] logits and their log-softmax (for a 7B model's 152k vocabulary, 64 × 512 completion
+    tokens would keep 2 × 20 GB of them).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    M = hidden.shape[0]
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1]
+    size = max(1, chunk_bytes // (4 * vocab))
+
+    def chunk(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = head(h).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        norm = torch.logsumexp(logits, -1)
+        lp = logits.gather(-1, y[:, None]).squeeze(-1) - norm
+        with torch.no_grad():  # H = log Z − Σ p·logit, without a second [rows, vocab] log-softmax
+            ent = norm - (torch.softmax(logits, -1) * logits).sum(-1) if entropy else norm.new_zeros(0)
+        return lp, ent
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    lps, ents = [], []
+    for i in range(0, M, size):
+        h, y = hidden[i : i + size], targets[i : i + size]
+        lp, ent = checkpoint(chunk, h, y, use_reentrant=False) if grad else chunk(h, y)
+        lps.append(lp)
+        ents.append(ent)
+    lp = torch.cat(lps) if lps else hidden.new_zeros(0, dtype=torch.float32)
+    return lp, (torch.cat(ents).detach() if entropy and ents else (lp.new_zeros(0) if entropy else None))
 
 
 def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:

@@ -233,6 +233,17 @@ class Phi4MMBackend(Backend):
         with self.adapters_for(inputs.modality):
             return super().score(inputs, *args, **kwargs)
 
+    def can_mix(self, modalities) -> bool:
+        """Speech and text rows share a decode batch only when they run the same weights."""
+        return self.speech_lora is None or self.speech_lora_on == "always" or len(set(modalities)) <= 1
+
+    def generate_paired(self, parts, *args, **kwargs) -> list[Generation]:
+        modalities = {inp.modality for inp, _, _ in parts}
+        if not self.can_mix(modalities):  # part by part, each through `generate` and its adapters
+            return super().generate_paired(parts, *args, **kwargs)
+        with self.adapters_for(modalities.pop() if len(modalities) == 1 else "speech"):
+            return super().generate_paired(parts, *args, **kwargs)
+
     # ---- audio ----------------------------------------------------------------------------------
     def features(self, wav) -> tuple[Tensor, int]:
         """The extractor's features [1, frames, 80] of one clip and its number of audio embeddings."""

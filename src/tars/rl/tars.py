@@ -20,6 +20,12 @@ std scaling, joint groups and the loss normalisation.
 
 Two choices worth knowing:
 
+* **One modality's graph at a time.** Text advantages never depend on the speech rollouts (step 4's
+  constant cancels in the text group), so each micro-batch runs text's forward and backward first,
+  then speech's forward (which yields R_rep's speech states), rewards and backward: the activations
+  of one modality's completions are alive at a time, not both (`joint_groups` mixes the two groups'
+  rewards, so there both forwards wait for one backward). With `activation_checkpointing` the blocks
+  keep only their inputs; the LM head's log-probs are computed in chunks (`Backend.score`).
 * **One forward per modality and micro-batch.** With one update per batch the sampling policy is the
   policy being trained, so the "old" log-probs are the current ones detached (ratio 1, plain policy
   gradient) and the grad-enabled forward that gives the log-probs also hands out, through
@@ -48,6 +54,7 @@ tabled in docs/fidelity.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -177,6 +184,10 @@ class TarsConfig(Config):
     lora: LoraSettings = LoraSettings()
     #: Questions per gradient-accumulation micro-batch (whole question groups); None = the whole step.
     micro_batch_questions: int | None = Field(None, ge=1)
+    #: Recompute each decoder block's activations in the backward instead of keeping them
+    #: (`Backend.checkpoint_blocks`): about one more forward of compute for the memory of one block's
+    #: activations instead of every block's. On in the 7B recipes.
+    activation_checkpointing: bool = False
     #: R_beh's sentence embedding model: a sentence-transformers folder or a hub id already in the
     #: Hugging Face cache (the paper: Qwen/Qwen3-Embedding-0.6B); None = the packaged all-MiniLM-L6-v2.
     embedder: str | None = None
@@ -240,7 +251,22 @@ def add_lora(backend, lora: LoraSettings, targets: Sequence[str] | None = None) 
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(True)
+    # peft casts each adapted layer's INPUT to the adapter's dtype: under a bf16 model that is a float32
+    # copy of every [tokens × hidden] activation entering q/k/v/o/gate/up/down, kept for the backward.
+    # Instead the adapter's small weights are cast to the activations' dtype in each matmul; the
+    # float32 parameters stay the optimizer's master weights (the cast's backward hands them float32
+    # gradients, accumulated in float32 across micro-batches). A float32 model is unchanged.
+    for module in _tuner_layers(backend):
+        module.cast_input_dtype_enabled = False
+        for linear in (*module.lora_A.values(), *module.lora_B.values()):
+            linear.forward = functools.partial(_linear_in_input_dtype, linear)
     return params
+
+
+def _linear_in_input_dtype(linear: torch.nn.Linear, x: Tensor) -> Tensor:
+    weight = linear.weight if linear.weight.dtype == x.dtype else linear.weight.to(x.dtype)
+    bias = None if linear.bias is None else linear.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def lora_parameters(backend) -> dict[str, torch.nn.Parameter]:
@@ -441,6 +467,7 @@ class TarsTrainer:
         torch.manual_seed(_seed(cfg.seed, -1, "lora"))
         self.lora = add_lora(backend, cfg.lora)
         self.params = list(self.lora.values())
+        backend.checkpoint_blocks(cfg.activation_checkpointing)
         try:
             self.layers = (select_layers(cfg.layers, len(backend.decoder_layers()), cfg.layer_groups)
                            if cfg.method in USES_REP else [])
@@ -506,15 +533,16 @@ class TarsTrainer:
         lr = self.sched.get_last_lr()[0]
 
         # 1. Paired rollouts: G_s completions from the speech prompt (the audio carries question and
-        #    options), G_t from the text prompt, sampled by the current policy (no dropout, no grad).
+        #    options), G_t from the text prompt, sampled by the current policy (no dropout, no grad);
+        #    each prompt prefilled once, speech and text rows decoded in one batch.
         be.eval()
         with clock("generate"), torch.no_grad(), self.parallel.gathered():
             prompts = {"speech": be.build_inputs(batch, "speech", base_dir=base_dir),
                        "text": be.build_inputs(batch, "text")}
-            speech = be.generate(prompts["speech"], Gs, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                 row_seeds=self._row_seeds(step, batch, "speech", Gs), logprobs=True)
-            text = be.generate(prompts["text"], Gt, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                               row_seeds=self._row_seeds(step, batch, "text", Gt), logprobs=True)
+            speech, text = be.generate_paired(
+                [(prompts["speech"], Gs, self._row_seeds(step, batch, "speech", Gs)),
+                 (prompts["text"], Gt, self._row_seeds(step, batch, "text", Gt))],
+                cfg.temperature, cfg.top_p, cfg.max_new_tokens, logprobs=True)
 
         # 2. R_base = R_acc + λ·R_fmt for every rollout, speech and text alike.
         with clock("rewards"):
@@ -545,11 +573,15 @@ class TarsTrainer:
         reward_s, reward_t, term_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt), torch.zeros(Q)
         adv_s, adv_t = torch.zeros(Q, Gs), torch.zeros(Q, Gt)
         no_reference = (acc_t.sum(1) == 0).float()
-        loss_total, clipped, kl, kept_tokens = 0.0, 0.0, 0.0, 0.0
-        mismatch, tis_w, tis_cut = 0.0, 0.0, 0.0  # Σ over kept tokens: sampler-vs-trainer k3, TIS weight, capped
+        sums = defaultdict(float)  # Σ over kept tokens of the loss's statistics (`_policy_loss`)
         entropy = {"speech": [0.0, 0.0], "text": [0.0, 0.0]}  # Σ entropy, Σ tokens over kept tokens
+        # Text first, its backward before speech's forward: text advantages never depend on the speech
+        # rollouts (step 4's constant cancels in the text group), so only one modality's graph is alive
+        # at a time. Joint groups mix the two modalities' rewards: both graphs then wait for one backward.
+        text_first = not cfg.joint_groups
         plan = self._micro_batches(Q)
         for i, (qs, counts) in enumerate(plan):
+            last = i == len(plan) - 1
             rows_s = [q * Gs + g for q in qs for g in range(Gs)]
             rows_t = [q * Gt + g for q in qs for g in range(Gt)]
             comp_s, comp_t = [speech.token_ids[r] for r in rows_s], [text.token_ids[r] for r in rows_t]
@@ -573,22 +605,38 @@ class TarsTrainer:
                 with clock("score"):
                     pooled_s = be.score(prompt_s, comp_s, local_s, self.layers, **kw).pooled[cfg.pooling]
                     pooled_t = be.score(prompt_t, comp_t, local_t, self.layers, **kw).pooled[cfg.pooling]
+            layers = self.layers if pooled_s is None else []
+            text_part = (text, rows_t, keep_t[rows_t], ref_t)
 
             # 3. (forward) ONE grad-enabled forward per modality gives the completion tokens'
             #    log-probs for the loss AND, from the same forward, the chosen layers' hidden states
             #    pooled over each completion for R_rep (no layers asked when the method has no R_rep,
             #    or when they came from the dropout-free forward above).
-            layers = self.layers if pooled_s is None else []
+            be.train()
+            with clock("score"):
+                t = be.score(prompt_t, comp_t, local_t, layers, grad=True, entropy=True, **kw)
+            be.eval()
+            if text_first:
+                # 5.-6. for text now: A = R_base − its group mean (the constant of step 4 would cancel).
+                # A lockstep stand-in runs the same backward with weight zero.
+                with clock("update"):
+                    if counts:
+                        a_t = modality_advantages(base_s[qs], base_t[qs], cfg.advantage_std)[1]
+                        loss_t = self._policy_loss(t, a_t, *text_part, normalizer, sums)
+                        sums["loss"] += float(loss_t.detach())
+                    else:
+                        loss_t = t.logprobs.sum() * 0.0
+                    self.parallel.backward(loss_t, last=False)
             be.train()
             with clock("score"):
                 s = be.score(prompt_s, comp_s, local_s, layers, grad=True, entropy=True, **kw)
-                t = be.score(prompt_t, comp_t, local_t, layers, grad=True, entropy=True, **kw)
             be.eval()
             if self.layers and pooled_s is None:
                 pooled_s, pooled_t = s.pooled[cfg.pooling], t.pooled[cfg.pooling]
-            if not counts:  # a lockstep stand-in: the same forwards and backward, weight zero
+            if not counts:  # a lockstep stand-in: the same forwards and backwards, weight zero
                 with clock("update"):
-                    self.parallel.backward((s.logprobs.sum() + t.logprobs.sum()) * 0.0, last=i == len(plan) - 1)
+                    stand_in = s.logprobs.sum() if text_first else s.logprobs.sum() + t.logprobs.sum()
+                    self.parallel.backward(stand_in * 0.0, last=last)
                 continue
             for name, sc, keep in (("speech", s, keep_s[rows_s]), ("text", t, keep_t[rows_t])):
                 m = sc.mask & keep[:, None]
@@ -615,34 +663,19 @@ class TarsTrainer:
                 r_s, r_t, term = compose_rewards(base_s[qs], base_t[qs], rep[qs], beh[qs], cfg.w_rep, cfg.w_beh,
                                                  cfg.text_alignment)
                 # 5. A = r − mean(r of the same question and modality), no std division by default.
-                a_s, a_t = modality_advantages(r_s, r_t, cfg.advantage_std, cfg.joint_groups)
+                a_s, a_t_final = modality_advantages(r_s, r_t, cfg.advantage_std, cfg.joint_groups)
+                a_t = a_t if text_first else a_t_final
                 reward_s[qs], reward_t[qs], term_t[qs], adv_s[qs], adv_t[qs] = r_s, r_t, term, a_s, a_t
 
             # 6. DAPO token-level clipped surrogate, ε_low/ε_high, truncated completions masked out;
             #    old log-probs = the current ones detached (one update per batch: ratio 1).
             #    Optional truncated importance sampling (tis_cap) against the sampler's own log-probs.
             with clock("update"):
-                loss = 0.0
-                for sc, adv, keep, ref, gen, rows in ((s, a_s, keep_s[rows_s], ref_s, speech, rows_s),
-                                                      (t, a_t, keep_t[rows_t], ref_t, text, rows_t)):
-                    sampler = _sampler_logprobs(gen, rows, sc.logprobs)
-                    part, stats = clipped_surrogate(
-                        sc.logprobs, sc.logprobs.detach(), adv.flatten().to(sc.logprobs.device), sc.mask,
-                        cfg.eps_low, cfg.eps_high, loss_type=cfg.loss_type, keep=keep,
-                        max_completion_length=cfg.max_new_tokens, ref_logprobs=ref, beta=cfg.beta,
-                        normalizer=normalizer, sampler_logprobs=sampler, tis_cap=cfg.tis_cap)
-                    loss = loss + part
-                    m = sc.mask & keep[:, None]
-                    n_tok = float(m.sum())
-                    kept_tokens += n_tok
-                    clipped += float(stats["clip_fraction"]) * n_tok
-                    kl += float(stats.get("kl", 0.0)) * n_tok
-                    if sampler is not None:
-                        mismatch += float(kl_penalty(sampler, sc.logprobs.detach(), m).sum())
-                        tis_w += float(stats.get("tis_weight", 0.0)) * n_tok
-                        tis_cut += float(stats.get("tis_capped_fraction", 0.0)) * n_tok
-                self.parallel.backward(loss, last=i == len(plan) - 1)
-                loss_total += float(loss.detach())
+                loss = self._policy_loss(s, a_s, speech, rows_s, keep_s[rows_s], ref_s, normalizer, sums)
+                if not text_first:
+                    loss = loss + self._policy_loss(t, a_t, *text_part, normalizer, sums)
+                self.parallel.backward(loss, last=last)
+                sums["loss"] += float(loss.detach())
 
         # The update: gradients summed over processes (their losses share one normaliser), clipped.
         with clock("update"):
@@ -656,8 +689,8 @@ class TarsTrainer:
                                adv_s, adv_t)
         rep, beh, reward_s, reward_t, term_t, no_reference = map(
             group.cat, (rep, beh, reward_s, reward_t, term_t, no_reference))
-        loss_total, clipped, kl, kept_tokens, mismatch, tis_w, tis_cut = map(
-            group.sum, (loss_total, clipped, kl, kept_tokens, mismatch, tis_w, tis_cut))
+        loss_total, clipped, kl, kept_tokens, mismatch, tis_w, tis_cut = map(group.sum, (
+            sums["loss"], sums["clipped"], sums["kl"], sums["tokens"], sums["mismatch"], sums["tis_w"], sums["tis_cut"]))
         entropy = {k: [group.sum(v[0]), group.sum(v[1])] for k, v in entropy.items()}
         extra = {
             "loss": loss_total, "grad_norm": grad_norm,
@@ -678,6 +711,28 @@ class TarsTrainer:
                 extra["tis/weight"] = tis_w / max(kept_tokens, 1.0)
                 extra["tis/capped"] = tis_cut / max(kept_tokens, 1.0)
         return self._metrics(extra, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr)
+
+    def _policy_loss(self, sc, adv: Tensor, gen, rows: list[int], keep: Tensor, ref: Tensor | None,
+                     normalizer: float, sums: dict) -> Tensor:
+        """Step 6 for one modality's rows of a micro-batch: the clipped surrogate (+ β·KL, TIS) over
+        its kept tokens, its share of the batch loss; adds its statistics (Σ over kept tokens) to `sums`."""
+        cfg = self.cfg
+        sampler = _sampler_logprobs(gen, rows, sc.logprobs)
+        loss, stats = clipped_surrogate(
+            sc.logprobs, sc.logprobs.detach(), adv.flatten().to(sc.logprobs.device), sc.mask,
+            cfg.eps_low, cfg.eps_high, loss_type=cfg.loss_type, keep=keep,
+            max_completion_length=cfg.max_new_tokens, ref_logprobs=ref, beta=cfg.beta,
+            normalizer=normalizer, sampler_logprobs=sampler, tis_cap=cfg.tis_cap)
+        m = sc.mask & keep[:, None]
+        n_tok = float(m.sum())
+        sums["tokens"] += n_tok
+        sums["clipped"] += float(stats["clip_fraction"]) * n_tok
+        sums["kl"] += float(stats.get("kl", 0.0)) * n_tok
+        if sampler is not None:
+            sums["mismatch"] += float(kl_penalty(sampler, sc.logprobs.detach(), m).sum())
+            sums["tis_w"] += float(stats.get("tis_weight", 0.0)) * n_tok
+            sums["tis_cut"] += float(stats.get("tis_capped_fraction", 0.0)) * n_tok
+        return loss
 
     def _metrics(self, extra: dict, speech, text, acc_s, fmt_s, base_s, acc_t, fmt_t, base_t, clock, t_step, lr) -> dict:
         """The step's metrics row over every process's questions: what every method logs, plus `extra`
