@@ -16,6 +16,7 @@ from tars.data.audio import load_audio
 from tars.data.schema import Record
 from tars.models.backend import AUDIO_SLOT
 from tars.models.loading import load_backend
+from tars.models.qwen2_5_omni import thinker_parts
 from tiny_models import tiny_phi4_mm, tiny_qwen2_5_omni
 
 SECONDS = [0.35, 0.8, 0.55]
@@ -79,7 +80,7 @@ def _omni_reference_inputs(backend, paths, recs, d):
     feats = fe([load_audio(p) for p in paths], sampling_rate=16000, padding="max_length",
                return_attention_mask=True, return_tensors="pt")
     fmask = feats["attention_mask"]
-    counts = backend.model.model.audio_tower._get_feat_extract_output_lengths(fmask.sum(-1))[1].tolist()
+    counts = thinker_parts(backend.model)[0]._get_feat_extract_output_lengths(fmask.sum(-1))[1].tolist()
     token = backend.tokenizer.convert_ids_to_tokens(backend.model.config.audio_token_id)
     rows = [_processor_ids(backend, r, token, n) for r, n in zip(recs, counts)]
     ids, mask = _left_pad(rows, backend.tokenizer.pad_token_id)
@@ -98,7 +99,9 @@ def test_omni_positions_are_the_models_rope_index(omni):
     ids, mask, _, fmask, _ = _omni_reference_inputs(backend, paths, recs, d)
     batch = backend.build_inputs(recs, "speech", base_dir=d)
     assert batch.lengths == mask.sum(-1).tolist()
-    want, _ = backend.model.model.get_rope_index(ids, None, None, mask, False, fmask.sum(-1))
+    # The thinker's inner model has it from transformers 5.21 (the thinker itself before).
+    rope_index = getattr(backend.model.model, "get_rope_index", None) or backend.model.get_rope_index
+    want, _ = rope_index(ids, None, None, mask, False, fmask.sum(-1))
     got = backend.positions((mask.cumsum(-1) - 1).clamp(min=0))
     assert got.shape == want.shape == (3, *ids.shape)
     valid = mask.bool()

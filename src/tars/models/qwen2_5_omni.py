@@ -62,6 +62,17 @@ CHATML = (
 )
 
 
+def thinker_parts(thinker: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(audio tower, text decoder) of a `Qwen2_5OmniThinkerForConditionalGeneration`, in either module
+    layout: from transformers 5.21 both sit in `thinker.model` (`audio_tower`, `language_model`); before,
+    the tower sits on the thinker itself and `thinker.model` is the text decoder. The saved weights are
+    named alike in both (`audio_tower.*`, `model.*`), so a folder loads under either."""
+    inner = thinker.model
+    if hasattr(inner, "language_model"):
+        return inner.audio_tower, inner.language_model
+    return thinker.audio_tower, inner
+
+
 class Qwen25OmniBackend(Backend):
     #: The folder's preprocessor_config.json, written back by `save_pretrained` (None: there was none).
     preprocessor: dict | None = None
@@ -72,7 +83,7 @@ class Qwen25OmniBackend(Backend):
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
-        enc = model.model.audio_tower
+        enc = thinker_parts(model)[0]
         self.n_mels = enc.config.num_mel_bins
         self.max_audio_s = float(window_s)
         self.cache = cache or AudioCache(f"{name}-enc")
@@ -85,10 +96,10 @@ class Qwen25OmniBackend(Backend):
 
     # ---- modules ---------------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
-        return self.model.model.language_model
+        return thinker_parts(self.model)[1]
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.language_model.layers
+        return thinker_parts(self.model)[1].layers
 
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
@@ -96,7 +107,7 @@ class Qwen25OmniBackend(Backend):
     @property
     def projector(self) -> nn.Module:
         """The audio tower's output head (`ln_post` → `proj`), shared with the model, not a copy."""
-        enc = self.model.model.audio_tower
+        enc = thinker_parts(self.model)[0]
         return nn.Sequential(enc.ln_post, enc.proj)
 
     def audio_wrap(self) -> tuple[str, str]:
@@ -114,7 +125,7 @@ class Qwen25OmniBackend(Backend):
 
     @torch.no_grad()
     def _encode(self, paths: list[Path]) -> list[Tensor]:
-        enc = self.model.model.audio_tower
+        enc = thinker_parts(self.model)[0]
         feats, lengths = [], []
         for p in paths:
             wav = self.load_clip(p)
@@ -156,7 +167,7 @@ class Qwen25OmniBackend(Backend):
         window, preprocessor = _audio_window(path, model.config.audio_config.num_mel_bins)
         _ensure_chat_template(tokenizer, path)
         model.to(device=device, dtype=dtype).eval()
-        enc = model.model.audio_tower
+        enc = thinker_parts(model)[0]
         # The cache holds the frozen part's output, so only that part names it: a retrained projector
         # (ln_post, proj) reuses the cached clips.
         frozen = nn.ModuleList([enc.conv1, enc.conv2, enc.layers])
