@@ -101,6 +101,11 @@ def start() -> Group:
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process loads the whole model, then fsdp shards the blocks (rl/strategies.py). accelerate's
+        # FSDP launch turns on "CPU-RAM-efficient loading" by default, with which transformers 5.17 leaves
+        # every process but the first holding zeros, for a broadcast from rank 0 that tars never does
+        # (5.24 loads the weights on every process either way).
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
         from accelerate import PartialState
 
         PartialState()
