@@ -333,6 +333,69 @@ def train_cmd(
         typer.echo(f"done: {path}")
 
 
+@app.command("plan", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan_cmd(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP + " A `tars train` config, e.g. "
+                                          "configs/qwen2_audio_7b.yaml."),
+    gpu_gb: float = typer.Option(80.0, "--gpu-gb", help="The card's memory in GiB (nvidia-smi's MiB / 1024)."),
+    headroom: float = typer.Option(0.10, help="Share of the card kept free for the allocator's fragmentation."),
+    audio_s: float = typer.Option(30.0, "--audio-s", help="Length of a spoken question, seconds (30 = Qwen2-Audio's "
+                                  "whole window, the worst case)."),
+    question_tokens: int = typer.Option(150, "--question-tokens", help="Tokens of a question with its lettered "
+                                        "options in the text prompt (beside the system prompt and template)."),
+    processes: int = typer.Option(1, "--processes", help="Processes of a ddp / zero2 run: each holds the whole "
+                                  "model and 1/N of questions_per_step."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Measure the memory coefficients on this machine "
+                                   "instead (the --config's model, or the three 7B recipes' architectures)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --calibrate: the file to write (default "
+                                       "$TARS_HOME/plan/calibration.json, read before the packaged one)."),
+    device: Optional[str] = typer.Option(None, "--device", help="With --calibrate: cpu or cuda (default: "
+                                         "$TARS_DEVICE, else cuda when available, else cpu)."),
+) -> None:
+    """The peak memory of one training step of a config on a card of --gpu-gb, term by term, and the largest
+    micro_batch_questions that fits; from a memory model whose coefficients were measured
+    (`tars plan --calibrate`). No weights are loaded: the model's class is built on PyTorch's meta device.
+
+    Extra arguments are key=value overrides of the config, as for `tars train`.
+    """
+    from tars.plan.memory import PlanOptions, plan_config, render, user_calibration_file
+
+    if calibrate:
+        from tars.plan.calibrate import calibrate as run_calibration
+        from tars.plan.calibrate import published_targets
+
+        if config is not None:
+            from tars.config import load_config
+            from tars.plan.architecture import load_architecture
+            from tars.rl.tars import TarsConfig
+
+            cfg = load_config(TarsConfig, config, list(ctx.args))
+            targets = [(load_architecture(cfg.model, cfg.lora, where=f"{config}: model"), cfg.dtype, cfg.lora)]
+        else:
+            targets = published_targets()
+        from tars.models.backend import default_device
+
+        path = run_calibration(targets, out or user_calibration_file(), log=typer.echo,
+                               device=device or default_device(), command=" ".join(["tars", *sys.argv[1:]]))
+        typer.echo(f"wrote {path}")
+        return
+    if config is None:
+        raise UserError("tars plan: --config FILE is required (or --calibrate)")
+    options = PlanOptions(gpu_gib=gpu_gb, headroom=headroom, audio_s=audio_s, question_tokens=question_tokens,
+                          processes=processes)
+    plan, _ = plan_config(config, list(ctx.args), options)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(plan.to_json(), indent=1))
+        return
+    from rich.console import Console
+
+    render(plan, str(config), Console(width=max(110, Console().width)))
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Model folder, or mini:NAME for $TARS_HOME/mini/NAME."),
