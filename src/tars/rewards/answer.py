@@ -18,10 +18,10 @@ Where to look (`extract_choice`):
 What counts as a stated choice, strongest first:
 
 * An explicit cue, `answer is`, `Answer:`, `Answer - `, `final answer`, `correct option is`, `the
-  correct one is`, `choice is`, a first-person choice (`I choose`, `I'll go with`, `we pick`), …,
-  then an option's text or a letter (`option C`, `(C)`, `**C**`); `\\boxed{…}`; and a letter's own
-  verdict, `B is correct`, `(C) is the right answer`, `B) <B's text> is the best` (several letters
-  declared correct at once, `A and C are correct`, are unusable). Of several, the
+  correct one is`, `choice is`, a first-person choice (`I choose`, `I'll go with`, `I'm going with`,
+  `we pick`), …, then an option's text or a letter (`option C`, `(C)`, `**C**`); `\\boxed{…}`; and a
+  letter's own verdict, `B is correct`, `(C) is the right answer`, `B) <B's text> is the best` (several letters
+  declared correct at once, `A and C are correct`, `B or C is correct`, are unusable). Of several, the
   last one in the text wins, so "The answer is A. … wait, the answer is C." is C. If that last one
   is unusable (two letters, a letter beyond the options) the answer is `None`: the model's final
   word is what counts, so there is no falling back to a statement it took back.
@@ -63,7 +63,9 @@ _CUE = re.compile(
     rf"|\b(?:correct|right|best)\s+one{_CONNECTOR}"
     # A first-person choice: "I choose C", "I'll go with B", "we would pick (D)".
     r"|\b(?:I|we)(?:\s+(?:would|will|shall)|['’](?:ll|d))?\s+(?:(?:choose|chose|pick|picked|select|selected)\b"
-    r"|(?:go|went)\s+with\b|opt\s+for\b)",
+    r"|(?:go|went)\s+with\b|opt\s+for\b)"
+    # "I'm going with B", "we are going with (C)".
+    r"|\b(?:I['’]m|I\s+am|we['’]re|we\s+are)\s+going\s+with\b",
     re.I,
 )
 #: A letter stating itself the choice: "B is correct", "(C) is the right answer", "option D is the
@@ -79,6 +81,9 @@ _POSTFIX_VERDICT = re.compile(
 _POSTFIX_PLURAL = re.compile(
     r"(?<![A-Za-z0-9'’])[(\[*]*[A-J][)\]*]*(?:\s*(?:,|and|or|&)\s*[(\[*]*[A-J][)\]*]*)+\s+are\s+(?:both\s+|all\s+)?"
     r"(?:the\s+)?(?:correct|right|best)\b"
+    # "B or C is correct": alternatives joined by "or" take a singular verb, and are as unusable.
+    r"|(?<![A-Za-z0-9'’])[(\[*]*[A-J][)\]*]*(?:\s*,\s*[(\[*]*[A-J][)\]*]*)*,?\s+or\s+[(\[*]*[A-J][)\]*]*"
+    r"\s+(?:is|would\s+be|should\s+be|must\s+be)\s+(?:the\s+)?(?:correct|right|best)\b"
 )
 #: What may stand between a cue and the choice: spaces, markdown, LaTeX wrappers, opening brackets
 #: and quotes, and a few words that do not change the statement ("the answer is clearly option C").
@@ -259,8 +264,11 @@ def _postfix_readings(text: str, n: int, norm_options: list[str]) -> list[tuple[
     """Letters that declare themselves the choice (`B is correct`, `(C) is the right answer`,
     `B) <its option text> is the best`), and several at once (`A and C are correct`, `_BAD`), with
     their positions. A bare `I` is the pronoun (`I would be the best judge`), never option I."""
-    found = [(m.start(), _BAD) for m in _POSTFIX_PLURAL.finditer(text)]
+    plural = [m.span() for m in _POSTFIX_PLURAL.finditer(text)]
+    found = [(start, _BAD) for start, _ in plural]
     for m in _POSTFIX_LETTER.finditer(text):
+        if any(start <= m.start() < end for start, end in plural):
+            continue  # one of the several letters declared correct at once (`B or C is correct`)
         named, opening, letter, closing = m.groups()
         if letter == "I" and not (named or opening or closing):
             continue
