@@ -28,7 +28,8 @@ def load_records(
     """Parse and validate a JSONL file; returns the valid records and all problems found.
 
     `audio` paths resolve against the file's directory; with `check_audio_files` each one is probed
-    (exists, decodes as audio, non-empty, at most `max_audio_s` seconds).
+    (exists, decodes as audio, non-empty, at most `max_audio_s` seconds) and the record's `duration_s`
+    set to the clip's length.
     """
     path = Path(path)
     name = str(path)
@@ -67,10 +68,13 @@ def load_records(
         seen[rec.id] = lineno
         if check_audio_files and rec.audio is not None:
             try:
-                check_audio(path.parent / rec.audio, max_s=max_audio_s)
+                info = check_audio(path.parent / rec.audio, max_s=max_audio_s)
             except UserError as e:
                 problems.append(Problem(where, "audio", str(e)))
                 continue
+            # The clip's own length, not the manifest's claim (optional, possibly stale): the commands
+            # leave out clips over a backend's encoder window by it, before the first step.
+            rec.duration_s = round(info.duration_s, 3)
         records.append(rec)
     if n_lines == 0:
         problems.append(Problem(name, "", "file is empty (no records)"))

@@ -93,9 +93,11 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     for arg in cfg.data:
         path = resolve_data(arg)
         name = dataset_name(arg)
-        records = read_records(path)[: cfg.limit] if cfg.limit else read_records(path)
+        speech = bool({"speech", "cascade"} & set(cfg.modalities))
+        records = read_records(path, check_audio_files=speech, max_audio_s=None)  # duration_s: the clips' own
+        records = records[: cfg.limit] if cfg.limit else records
         spoken_recs, spoken_base = records, path.parent
-        if {"speech", "cascade"} & set(cfg.modalities):
+        if speech:
             if not all(r.audio for r in records):
                 spoken_recs, spoken_base = spoken(records, cfg.voice_seed)
             # Clips over the encoder window are refused by the backends (never truncated); leave those
