@@ -2,7 +2,9 @@
 
 `mini:heldout` (200 questions, seed 1000) shares no question with any mini stage's training sets;
 `mini:rl_train` (400, seed 4) and `mini:ctc_train` (2,400, seed 5) share none with `mini:heldout`.
-They are the sets docs/results.md, `tars demo` and configs/mini.yaml / mini_ctc.yaml use; `resolve_data("mini:NAME")` writes them once to
+`mini:test` (500, seed 2000) shares none with any of them: the set that measures the soft-CTC mini model
+and the RL rows trained on `mini:rl_train` (a test set large enough for paired intervals of a few points).
+They are the sets docs/results.md, `tars demo` and configs/mini*.yaml use; `resolve_data("mini:NAME")` writes them once to
 `$TARS_HOME/sets/NAME.jsonl`, so every command that names a file can name them.
 """
 
@@ -19,7 +21,8 @@ STAGE_SETS = ((1600, 1), (800, 3), (640, 2))
 HELDOUT = (200, 1000)
 RL_SET = (400, 4)
 CTC_SET = (2400, 5)
-NAMES = ("heldout", "rl_train", "ctc_train")
+TEST = (500, 2000)
+NAMES = ("heldout", "rl_train", "ctc_train", "test")
 
 
 def mini_sets() -> tuple[list[Record], list[Record]]:
@@ -37,14 +40,21 @@ def mini_set_file(name: str) -> Path:
     """`$TARS_HOME/sets/NAME.jsonl`, written on first use."""
     from tars.data.jsonl import write_records
 
-    from tars.data.families import FAMILIES, make_excluding
+    from tars.data.families import FAMILIES, make_excluding, make_mixture
 
     path = tars_home() / "sets" / f"{name}.jsonl"
     if not path.exists():
         heldout, train = mini_sets()
-        if name == "ctc_train":
-            records = make_excluding(list(FAMILIES), *CTC_SET, {r.question for r in heldout})
+        if name == "heldout":
+            records = heldout
+        elif name == "rl_train":
+            records = train
         else:
-            records = heldout if name == "heldout" else train
+            ctc = make_excluding(list(FAMILIES), *CTC_SET, {r.question for r in heldout})
+            records = ctc
+            if name == "test":
+                seen = {r.question for n, seed in STAGE_SETS for r in make_mixture(list(FAMILIES), n, seed)}
+                seen |= {r.question for r in heldout + train + ctc}
+                records = make_excluding(list(FAMILIES), *TEST, seen)
         write_records(path, records)
     return path

@@ -1,5 +1,6 @@
 """The mini model's projectors: `StackingProjector` (stack k encoder frames, then a two-layer MLP into the
-LLM) and `CTCProjector` (the same stacking, then CTC over the LLM's own vocabulary; see its docstring).
+LLM), `CTCProjector` (the same stacking, then CTC over the LLM's own vocabulary; see its docstring) and
+`SoftCTCProjector` (the CTC projector's features kept continuous, one embedding per stacked frame).
 
 Why stack: Qwen2-Audio's encoder emits 25 frames per second, so a spoken question of ~14 s becomes
 ~345 audio tokens, which dominate the LLM's cost on a CPU. Stacking k = 4 neighbouring frames (the
@@ -93,11 +94,13 @@ class CTCProjector(StackingProjector):
 
     n_frames = StackingProjector.n_tokens
 
-    def logits(self, frames: Tensor, lengths: Tensor | None = None, vocab_dtype: torch.dtype | None = None) -> Tensor:
+    def logits(self, frames: Tensor, lengths: Tensor | None = None, vocab_dtype: torch.dtype | None = None,
+               features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """[B, n, d_audio] (or [n, d_audio]) encoder frames → [B, ceil(n / stack), vocab + 1] CTC
         logits, the blank last. Padding frames beyond `lengths` are zeroed before stacking.
         `vocab_dtype` (training): the vocabulary-sized product in that dtype — bf16 makes it several times faster
-        on a CPU with avx512_bf16, and it dominates the cost of a CTC step."""
+        on a CPU with avx512_bf16, and it dominates the cost of a CTC step. `features`: also return the
+        MLP's output h [B, ceil(n / stack), d_model] the logits are read from."""
         single = frames.dim() == 2
         if single:
             frames = frames[None]
@@ -112,7 +115,9 @@ class CTCProjector(StackingProjector):
         vd = vocab_dtype or h.dtype
         vocab = (h.to(vd) @ self.embedding.weight.to(vd).T).to(h.dtype)
         out = torch.cat([vocab, self.blank(h)], -1)
-        return out[0] if single else out
+        if single:
+            out, h = out[0], h[0]
+        return (out, h) if features else out
 
     def forward(self, frames: Tensor) -> Tensor:
         """[n, d_audio] (one clip's valid frames) → [K, d_model]: one embedding per kept frame."""
@@ -122,3 +127,46 @@ class CTCProjector(StackingProjector):
             keep = logits[:, :-1].max(-1).values.argmax().reshape(1)
         probs = logits[keep, :-1].softmax(-1)
         return probs @ self.embedding.weight.to(probs.dtype)
+
+
+class SoftCTCProjector(CTCProjector):
+    """Every stacked frame becomes one continuous embedding: the CTC posterior's mix of the LLM's
+    embedding rows (a learned vector for the blank), plus a linear map of the MLP's features.
+
+    Why: the `CTCProjector` collapses speech to one near-exact token embedding per recognised token, so
+    the LLM's states from speech and from text are almost the same (layer cosine ≥ 0.987 at every
+    layer, docs/results.md) and a representation reward has nothing to close. Real Speech LLMs hand the
+    LLM one continuous vector per audio frame; this projector does the same (≈ 8 per second at stack 3,
+    blanks and repeats included) and starts from a trained CTC projector (`from_ctc`), so the LLM
+    first sees frame-rate soft token mixtures — a real but bridgeable shift — that knowledge distillation
+    (train/kd.py) then adapts. The residual map starts at zero: at initialisation the output is exactly
+    the posterior mix.
+    """
+
+    kind = "soft_ctc"
+
+    def __init__(self, d_audio: int, d_model: int, embedding: nn.Embedding, stack: int = 3,
+                 d_hidden: int | None = None):
+        super().__init__(d_audio, d_model, embedding, stack, d_hidden)
+        with torch.no_grad():
+            mean = embedding.weight.float().mean(0)
+        self.blank_embedding = nn.Parameter(mean.clone())
+        self.residual = nn.Linear(d_model, d_model, bias=False)
+        nn.init.zeros_(self.residual.weight)
+
+    @classmethod
+    def from_ctc(cls, ctc: CTCProjector) -> "SoftCTCProjector":
+        """A soft projector with `ctc`'s stacking MLP and blank head (the new parameters at their init)."""
+        spec = ctc.config()
+        soft = cls(spec["d_audio"], spec["d_model"], ctc.embedding, spec["stack"], spec["d_hidden"])
+        missing, unexpected = soft.load_state_dict(ctc.state_dict(), strict=False)
+        if unexpected or set(missing) != {"blank_embedding", "residual.weight"}:
+            raise ValueError(f"not a CTC projector's weights (missing {missing}, unexpected {unexpected})")
+        return soft.to(next(ctc.parameters()).dtype)
+
+    def forward(self, frames: Tensor) -> Tensor:
+        """[n, d_audio] (one clip's valid frames) → [ceil(n / stack), d_model]: one embedding per frame."""
+        logits, h = self.logits(frames, features=True)
+        probs = logits.softmax(-1)
+        table = torch.cat([self.embedding.weight.to(probs.dtype), self.blank_embedding[None].to(probs.dtype)], 0)
+        return probs @ table + self.residual(h)

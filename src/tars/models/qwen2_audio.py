@@ -8,7 +8,8 @@ masks the padding as the HF model does, and keeps only the clip's real output fr
 clear message (not silently truncated: a truncated question is a different question).
 
 The projector is the checkpoint's linear `multi_modal_projector`, or — when the model folder holds a
-`tars_projector.json` (the mini model) — a `StackingProjector` or `CTCProjector` that replaces it.
+`tars_projector.json` (the mini model) — a `StackingProjector`, `CTCProjector` or `SoftCTCProjector`
+that replaces it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tars.errors import UserError
 from tars.models.audio_cache import AudioCache
 from tars.models.backend import Backend, stop_tokens
 from tars.models.loading import load_tokenizer, read_config, require_architecture
-from tars.models.projector import CTCProjector, StackingProjector
+from tars.models.projector import CTCProjector, SoftCTCProjector, StackingProjector
 
 PROJECTOR_FILE = "tars_projector.json"
 PROJECTOR_WEIGHTS = "tars_projector.safetensors"
@@ -184,10 +185,11 @@ def projector_from_spec(spec: dict, state: dict, embedding: nn.Embedding, where:
     kind = spec.get("type", "stack")
     if kind == "stack":
         proj = StackingProjector(spec["d_audio"], spec["d_model"], spec["stack"], spec["d_hidden"])
-    elif kind == "ctc":
-        proj = CTCProjector(spec["d_audio"], spec["d_model"], embedding, spec["stack"], spec["d_hidden"])
+    elif kind in ("ctc", "soft_ctc"):
+        cls = CTCProjector if kind == "ctc" else SoftCTCProjector
+        proj = cls(spec["d_audio"], spec["d_model"], embedding, spec["stack"], spec["d_hidden"])
     else:
-        raise UserError(f"{where}: unknown projector type {kind!r} (expected 'stack' or 'ctc')")
+        raise UserError(f"{where}: unknown projector type {kind!r} (expected 'stack', 'ctc' or 'soft_ctc')")
     try:
         proj.load_state_dict(state, strict=True)
     except RuntimeError:
