@@ -96,3 +96,37 @@ def test_a_file_that_is_not_a_pack_is_a_clear_error(base, tmp_path):
     save_file({"x": torch.zeros(1)}, str(bad))
     with pytest.raises(UserError, match="not a stage pack"):
         unpack_stage(bad, base, tmp_path / "out")
+
+
+def test_shipped_stages_unpack_in_order_and_again_when_a_pack_below_changes(base, tmp_path, monkeypatch):
+    """mini:soft is unpacked onto mini:demo, itself unpacked onto the build: a first load makes both, a
+    second returns at once, and a new demo pack makes both again (soft sits on top of it)."""
+    from tars.models import mini
+    from tars.models.projector import SoftCTCProjector
+
+    monkeypatch.setenv("TARS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mini, "build_mini", lambda: base)
+    demo_stage = make_stage(base, tmp_path / "demo_stage")
+    pack_stage(demo_stage, base, tmp_path / "mini_demo.safetensors", rank=2)
+    soft = load_backend(demo_stage)
+    soft.model.model.multi_modal_projector = SoftCTCProjector.from_ctc(soft.projector)
+    with torch.no_grad():
+        soft.projector.residual.weight.fill_(0.01)
+    soft.save_pretrained(tmp_path / "soft_stage")
+    info = pack_stage(tmp_path / "soft_stage", demo_stage, tmp_path / "mini_soft.safetensors", rank=2)
+    assert (info["low_rank"], info["rows"], info["full"]) == (0, 0, 0)  # the LLM is demo's: projector only
+    monkeypatch.setattr("tars.models.stage_pack.SHIPPED", tmp_path / "mini_demo.safetensors")
+    logs = []
+    out = load_backend("mini:soft").projector  # load_backend unpacks what is missing
+    assert isinstance(out, SoftCTCProjector)
+    frames = torch.randn(9, 32)
+    torch.testing.assert_close(out(frames), soft.projector(frames), atol=2e-3, rtol=0)  # fp16 in the pack
+    assert mini.shipped_stage("soft", log=logs.append) == tmp_path / "home" / "mini" / "soft" and logs == []
+    make_stage(base, tmp_path / "demo2")
+    with torch.no_grad():  # another demo stage: its own projector
+        be = load_backend(tmp_path / "demo2")
+        be.projector.fc2.weight.add_(1.0)
+        be.save_pretrained(tmp_path / "demo2")
+    pack_stage(tmp_path / "demo2", base, tmp_path / "mini_demo.safetensors", rank=2)
+    mini.shipped_stage("soft", log=logs.append)
+    assert [l.split()[1] for l in logs] == ["mini_demo.safetensors", "mini_soft.safetensors"]

@@ -264,6 +264,24 @@ def mini_ctc(
     typer.echo(f"model saved at {run(cfg)}")
 
 
+@mini_app.command("kd", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mini_kd(
+    ctx: typer.Context,
+    config: Path = typer.Option(Path("configs/mini_kd.yaml"), "--config", help=CONFIG_HELP),
+) -> None:
+    """Stage b (KD): continuous speech features (a soft CTC projector, one embedding per frame) aligned by
+    distillation from the same LLM's text-conditioned predictions on gold chains of thought.
+
+    Encoder and LLM frozen; the projector starts from the CTC stage's. Extra arguments are key=value
+    overrides. Resumes after a kill from its last checkpoint.
+    """
+    from tars.config import load_config
+    from tars.train.kd import KDConfig, run
+
+    cfg = load_config(KDConfig, config, list(ctx.args))
+    typer.echo(f"model saved at {run(cfg)}")
+
+
 @mini_app.command("pack")
 def mini_pack(
     stage: str = typer.Option("mini:ctc/model", help="The trained stage to pack (a model folder or mini:NAME)."),
@@ -285,15 +303,20 @@ def mini_pack(
 
 @mini_app.command("unpack")
 def mini_unpack(
+    stage: str = typer.Option("demo", help="The shipped stage: demo (CTC projector: mini:demo) or soft (the "
+                                           "KD-aligned soft CTC projector on top of it: mini:soft)."),
     pack: Optional[Path] = typer.Option(None, help="A stage pack (default: the one shipped with tars)."),
 ) -> None:
-    """The aligned mini model as a model folder, $TARS_HOME/mini/demo (`--model mini:demo`), from a pack.
+    """A shipped mini stage as a model folder, $TARS_HOME/mini/STAGE (`--model mini:STAGE`), from its pack.
 
-    Builds mini:base first if needed; a second call with the same pack returns at once.
+    Builds mini:base (and mini:demo under mini:soft) first if needed; a second call with the same pack
+    returns at once.
     """
-    from tars.experiment.demo import demo_stage, find_pack
+    from tars.models.mini import SHIPPED_STAGES, shipped_stage
 
-    typer.echo(f"aligned mini model ready at {demo_stage(find_pack(pack), log=typer.echo)}")
+    if stage not in SHIPPED_STAGES:
+        raise UserError(f"--stage: {stage!r} is not a shipped stage ({', '.join(SHIPPED_STAGES)})")
+    typer.echo(f"mini:{stage} ready at {shipped_stage(stage, pack, log=typer.echo)}")
 
 
 @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -60,10 +60,11 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     from tars.paths import resolve
 
     path = resolve(path)
-    from tars.models.mini import demo_stage, mini_dir
+    from tars.models.mini import SHIPPED_STAGES, mini_dir, shipped_stage
 
-    if path == mini_dir("demo") and not (path / "config.json").exists():
-        demo_stage()  # mini:demo needs nothing but the pack shipped with tars
+    for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
+        if path == mini_dir(name) and not (path / "config.json").exists():
+            shipped_stage(name)
     if not path.exists() and looks_like_hub_id(str(path)):
         path = hub_snapshot(str(path))
     mt = read_config(path).get("model_type")

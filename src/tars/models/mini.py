@@ -74,18 +74,28 @@ def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAUL
     return out
 
 
-def demo_stage(pack: Path | None = None, log=print) -> Path:
-    """`mini:demo`: the aligned mini model, unpacked from `pack` (default: the one shipped with tars) onto
-    `mini:base` once, and again when the pack changes — so `mini:demo` works on a fresh machine."""
+#: The stages shipped as packs (src/tars/assets/): name → (pack file, the stage it unpacks onto).
+#: `demo`: the CTC-aligned model (text SFT a1/a2 + CTC projector b3) against the PyPI build;
+#: `soft`: the KD-aligned soft CTC projector (train/kd.py) against `demo` — its LLM is demo's, so
+#: the pack holds the projector only.
+SHIPPED_STAGES = {"demo": ("mini_demo.safetensors", "base"), "soft": ("mini_soft.safetensors", "demo")}
+
+
+def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
+    """`mini:NAME` for a shipped stage: unpacked from `pack` (default: the one shipped with tars) onto
+    its base stage once, and again when the pack changes — so it works on a fresh machine."""
     import hashlib
 
     from tars.atomic import atomic_write_text
-    from tars.models.stage_pack import find_pack, unpack_stage
+    from tars.models.stage_pack import SHIPPED, find_pack, unpack_stage
 
-    pack = find_pack(pack)
-    base = build_mini()
-    out = mini_dir("demo")
+    file, onto = SHIPPED_STAGES[name]
+    pack = find_pack(pack or SHIPPED.parent / file)
+    base = build_mini() if onto == "base" else shipped_stage(onto, log=log)
+    out = mini_dir(name)
     digest = hashlib.sha256(pack.read_bytes()).hexdigest()[:16]
+    if onto != "base":  # a new base stage (its own pack changed) means a new stage on top of it
+        digest = hashlib.sha256((digest + (base / "PACK").read_text()).encode()).hexdigest()[:16]
     stamp = out / "PACK"
     if (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return out
@@ -93,3 +103,8 @@ def demo_stage(pack: Path | None = None, log=print) -> Path:
     unpack_stage(pack, base, out)
     atomic_write_text(stamp, digest + "\n")
     return out
+
+
+def demo_stage(pack: Path | None = None, log=print) -> Path:
+    """`mini:demo`: the aligned mini model (`shipped_stage("demo")`)."""
+    return shipped_stage("demo", pack, log)
