@@ -25,12 +25,47 @@ def test_table_from_finished_rows(tmp_path):
                                                              for i in range(1, 21)))
     assert row_minutes(tmp_path / "tars") == (20 * 30 + 300 + 60) / 60
     lines = write_table(tmp_path).read_text().splitlines()
-    assert "| base | 56.5 | 66.5 | +10.0 | 1.5 | – | – | 5.0 |" in lines
-    assert "| cascade | 60.0 | – |  | 1.5 | – | – | 2.0 |" in lines
-    assert "| tars | 58.0 | 66.0 | +8.0 | 1.5 | 25.0 | 26.0 | 16.0 |" in lines
-    assert "| grpo | not run | | | | | | |" in lines
+    assert "| base | 56.5 | 66.5 | +10.0 | 85.0 | 1.5 | – | – | 5.0 |" in lines
+    assert "| cascade | 60.0 | – |  | 90.2 | 1.5 | – | – | 2.0 |" in lines
+    assert "| tars | 58.0 | 66.0 | +8.0 | 87.2 | 1.5 | 25.0 | 26.0 | 16.0 |" in lines
+    assert "| grpo | not run | | | | | | | |" in lines
 
 
 def test_unknown_row_is_a_one_line_error(tmp_path):
     r = run_cli("experiment", "mini-table", "--rows", "tars,ppo", "--out", tmp_path)
     assert r.returncode == 2 and "unknown row(s) ppo" in r.stderr and "Traceback" not in r.stderr
+
+
+def predictions(folder, correct_ids, ids=("q0", "q1", "q2", "q3"), modality="speech"):
+    (folder / "eval").mkdir(parents=True, exist_ok=True)
+    rows = [{"id": i, "dataset": "heldout", "modality": modality, "answer": "A",
+             "pred": "A" if i in correct_ids else "B"} for i in ids]
+    with open(folder / "eval" / "predictions.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    acc = 100 * len(correct_ids) / len(ids)
+    m = folder / "eval" / "metrics.json"
+    d = json.loads(m.read_text()) if m.exists() else {"datasets": {"heldout": {}}, "seconds": {}}
+    d["datasets"]["heldout"][modality] = {"accuracy": acc, "unparseable": 0.0}
+    m.write_text(json.dumps(d))
+
+
+def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
+    """TARS seeds 0 and 1 against GRPO seeds 0 and 1: each question's correctness is averaged over a
+    row's seeds before pairing. Speech by hand: tars per question (1, 1, .5, 0), grpo (.5, 0, 0, 0):
+    differences (.5, 1, .5, 0), mean 50 points; the bootstrap interval holds the mean."""
+    predictions(tmp_path / "base", {"q0"})
+    predictions(tmp_path / "base", {"q0", "q1", "q2"}, modality="text")
+    predictions(tmp_path / "tars", {"q0", "q1", "q2"})
+    predictions(tmp_path / "tars_s1", {"q0", "q1"})
+    predictions(tmp_path / "grpo", {"q0"})
+    predictions(tmp_path / "grpo_s1", set())
+    lines = write_table(tmp_path).read_text().splitlines()
+    assert any(l.startswith("| tars_s1 | 50.0 | – |  | 66.7 |") for l in lines)  # MRR: 50 / 75 (base's text)
+    assert any(l.startswith("| grpo_s1 | 0.0 |") for l in lines)
+    row = next(l for l in lines if l.startswith("| tars − grpo |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["2 vs 2", "speech", "4", "+50.0"]
+    lo, hi = (float(x) for x in cells[5].strip("[]").split(","))
+    assert 0.0 <= lo <= 50.0 <= hi <= 100.0
+    base_row = next(l for l in lines if l.startswith("| tars − base |"))
+    assert "| 2 vs 1 | speech | 4 | +37.5 |" in base_row  # tars (1, 1, .5, 0) − base (1, 0, 0, 0)

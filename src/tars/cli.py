@@ -51,12 +51,10 @@ def _root(
 def _quiet_libraries() -> None:
     """Output is tars's own progress bars and lines. Set before any command imports the libraries:
     transformers' per-load bars ("Loading weights", "Writing model shards") follow huggingface_hub's
-    switch, and accelerate imports DeepSpeed whenever it is installed, which then warns on every
-    command of a machine without a GPU unless told its accelerator. A user's own settings win."""
+    switch. (DeepSpeed's CPU warning: `import tars` already told it its accelerator, `tars.quiet`.)
+    A user's own settings win."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):  # no NVIDIA / ROCm driver
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @data_app.command("validate")
@@ -519,6 +517,8 @@ def mini_table_cmd(
     rows: str = typer.Option(",".join(("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")),
                              help="Comma list of rows to run (done ones are skipped)."),
     obqa: int = typer.Option(0, help="Also evaluate the first N OpenBookQA questions (0 = no)."),
+    seeds: str = typer.Option("0", help="Comma list of seeds for every trained row (seed s > 0 in ROW_s<s>/); "
+                                        "TARS − GRPO is reported over the seeds both have."),
 ) -> None:
     """The paper's ablation table on the mini model: base, cascade, SFT, DPO, GRPO, +R_rep, +R_beh, TARS.
 
@@ -531,7 +531,13 @@ def mini_table_cmd(
     bad = [r for r in chosen if r not in ROWS]
     if bad:
         raise UserError(f"--rows: unknown row(s) {', '.join(bad)}; choose from {', '.join(ROWS)}")
-    table = run_table(config, heldout, out, chosen, list(ctx.args), obqa)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: {seeds!r} is not a comma list of integers") from None
+    if not seed_list or any(x < 0 for x in seed_list):
+        raise UserError(f"--seeds: {seeds!r}: give one or more seeds >= 0")
+    table = run_table(config, heldout, out, chosen, list(ctx.args), obqa, seeds=seed_list)
     typer.echo(table.read_text())
     typer.echo(f"wrote {table} and {out / 'report' / 'report.md'}")
 

@@ -9,10 +9,14 @@ same held-out questions (and, with `--obqa N`, the first N of OpenBookQA). Rows:
     cascade  Whisper tiny.en transcript → the same LLM (eval --modality cascade)
     sft, dpo, grpo, grpo_rep, grpo_beh, tars   `tars train --config configs/mini.yaml method=…`
 
-Everything lands in `runs/mini_table/<row>/` (training run) and `runs/mini_table/<row>/eval/`; each piece
-is resumable and skipped when done, so the command can be killed and rerun, or run row by row
-(`--rows grpo,tars`). The last step writes `runs/mini_table/table.md` (+ the report page) from whatever
-rows have finished, with the CPU time of each row.
+Everything lands in `runs/mini_table/<row>/` (training run) and `runs/mini_table/<row>/eval/`; with
+several `seeds`, seed s ≠ 0 of a trained row lands in `<row>_s<s>/` (the config's `seed` overridden:
+other questions' order, other rollouts). Each piece is resumable and skipped when done, so the command
+can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step writes
+`runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
+accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
+LLM), CPU time; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
+bootstrap intervals (each question's correctness averaged over the seeds a row has).
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ from tars.atomic import atomic_write_text
 
 ROWS = ("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
 TRAINED = ("sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
+#: The paired comparisons table.md states with intervals: (row, against).
+COMPARISONS = (("tars", "grpo"), ("tars", "base"))
+
+
+def row_folder(row: str, seed: int) -> str:
+    """`row` for seed 0 (the single-seed layout), `row_s<seed>` otherwise."""
+    return row if seed == 0 else f"{row}_s{seed}"
 
 
 def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS, overrides: Sequence[str] = (),
-              obqa: int = 0, progress: bool = True) -> Path:
+              obqa: int = 0, progress: bool = True, seeds: Sequence[int] = (0,)) -> Path:
     from tars.config import load_config
     from tars.eval.evaluate import EvalConfig, run_eval
     from tars.eval.report import build_report
@@ -38,21 +49,23 @@ def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS
     out = Path(out)
     base_model = load_config(TarsConfig, config, list(overrides)).model
     for row in rows:
-        folder = out / row
-        if row in TRAINED:
-            cfg = load_config(TarsConfig, config, list(overrides) + [f"method={row}", f"out={folder}"])
-            model = str(train(cfg, progress=progress))
-        else:
-            model = base_model
-        mods = ["cascade"] if row == "cascade" else ["speech", "text"]
-        evals = [("eval", str(heldout), None)] + ([("eval_obqa", "openbookqa", obqa)] if obqa else [])
-        for name, data, limit in evals:
-            if not (folder / name / "metrics.json").exists():
-                run_eval(EvalConfig(model=model, data=[data], out=str(folder / name), modalities=mods, limit=limit),
-                         progress=progress)
+        for seed in seeds if row in TRAINED else (0,):
+            folder = out / row_folder(row, seed)
+            if row in TRAINED:
+                cfg = load_config(TarsConfig, config,
+                                  list(overrides) + [f"method={row}", f"out={folder}"] + ([f"seed={seed}"] if seed else []))
+                model = str(train(cfg, progress=progress))
+            else:
+                model = base_model
+            mods = ["cascade"] if row == "cascade" else ["speech", "text"]
+            evals = [("eval", str(heldout), None)] + ([("eval_obqa", "openbookqa", obqa)] if obqa else [])
+            for name, data, limit in evals:
+                if not (folder / name / "metrics.json").exists():
+                    run_eval(EvalConfig(model=model, data=[data], out=str(folder / name), modalities=mods,
+                                        limit=limit), progress=progress)
     table = write_table(out)
-    done = [out / r / "eval" for r in ROWS if (out / r / "eval" / "metrics.json").exists()]
-    runs = [out / r for r in TRAINED if (out / r / "metrics.jsonl").exists()]
+    done = [f / "eval" for f in row_folders(out) if (f / "eval" / "metrics.json").exists()]
+    runs = [f for r in TRAINED for f in row_folders(out, r) if (f / "metrics.jsonl").exists()]
     build_report(done + runs, out / "report")
     return table
 
@@ -68,28 +81,86 @@ def row_minutes(folder: Path) -> float:
     return total / 60
 
 
-def write_table(out: Path) -> Path:
-    """The table from every finished row (accuracy %; A = speech, or the transcript for the cascade)."""
-    lines = ["| row | held-out A | held-out T | gap | unparseable A % | OpenBookQA A | OpenBookQA T | CPU min |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def row_folders(out: Path, row: str | None = None) -> list[Path]:
+    """The finished or started folders of `row` (every row when None), seed 0 first, in ROWS order."""
+    found = []
+    for r in [row] if row else ROWS:
+        seeded = sorted((f for f in out.glob(f"{r}_s*") if f.name[len(r) + 2:].isdigit()),
+                        key=lambda f: int(f.name[len(r) + 2:]))
+        found += ([out / r] if (out / r).exists() else []) + seeded
+    return found
 
-    def acc(folder: Path, row: str) -> tuple[str, str, str, str]:
+
+def write_table(out: Path) -> Path:
+    """The table from every finished row (accuracy %; A = speech, or the transcript for the cascade),
+    then the paired differences of `COMPARISONS`."""
+    lines = ["| row | held-out A | held-out T | gap | MRR % | unparseable A % | OpenBookQA A | OpenBookQA T | CPU min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def acc(folder: Path, row: str) -> tuple[dict | None, dict | None]:
         f = folder / "metrics.json"
         if not f.exists():
-            return "–", "–", "", ""
+            return None, None
         d = next(iter(json.loads(f.read_text())["datasets"].values()))
-        a, t = d.get("cascade" if row == "cascade" else "speech"), d.get("text")
-        gap = f"{t['accuracy'] - a['accuracy']:+.1f}" if a and t else ""
-        return (f"{a['accuracy']:.1f}" if a else "–", f"{t['accuracy']:.1f}" if t else "–", gap,
-                f"{a['unparseable']:.1f}" if a else "")
+        return d.get("cascade" if row == "cascade" else "speech"), d.get("text")
 
+    def pct(x: dict | None) -> str:
+        return f"{x['accuracy']:.1f}" if x else "–"
+
+    _, backbone = acc(out / "base" / "eval", "base")
     for row in ROWS:
-        if not (out / row / "eval" / "metrics.json").exists():
-            lines.append(f"| {row} | not run | | | | | | |")
-            continue
-        a, t, gap, unp = acc(out / row / "eval", row)
-        oa, ot, _, _ = acc(out / row / "eval_obqa", row)
-        lines.append(f"| {row} | {a} | {t} | {gap} | {unp} | {oa} | {ot} | {row_minutes(out / row):.1f} |")
+        folders = [f for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
+        if not folders:
+            lines.append(f"| {row} | not run | | | | | | | |")
+        for folder in folders:
+            a, t = acc(folder / "eval", row)
+            oa, ot = acc(folder / "eval_obqa", row)
+            gap = f"{t['accuracy'] - a['accuracy']:+.1f}" if a and t else ""
+            mrr = f"{100 * a['accuracy'] / backbone['accuracy']:.1f}" if a and backbone and backbone["accuracy"] else ""
+            unp = f"{a['unparseable']:.1f}" if a else ""
+            lines.append(f"| {folder.name} | {pct(a)} | {pct(t)} | {gap} | {mrr} | {unp} | {pct(oa)} | {pct(ot)} | "
+                         f"{row_minutes(folder):.1f} |")
+    lines += paired_lines(out)
     path = out / "table.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (dataset, modality) and question id: the share of `folders`' evaluations (one per seed) that
+    answered it right — only questions every seed answered."""
+    from collections import defaultdict
+
+    per: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for folder in folders:
+        for line in (folder / "eval" / "predictions.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                per[(r["dataset"], r["modality"])][r["id"]].append(float(r["pred"] is not None and r["pred"] == r["answer"]))
+    return {key: {i: sum(v) / len(v) for i, v in ids.items() if len(v) == len(folders)} for key, ids in per.items()}
+
+
+def paired_lines(out: Path) -> list[str]:
+    """Markdown: each comparison of `COMPARISONS` whose rows have predictions, as Δ accuracy (points) on
+    the same questions with a 95 % paired bootstrap interval (eval/metrics.py)."""
+    from tars.eval.metrics import paired_bootstrap
+
+    rows = []
+    for row, against in COMPARISONS:
+        a = [f for f in row_folders(out, row) if (f / "eval" / "predictions.jsonl").exists()]
+        b = [f for f in row_folders(out, against) if (f / "eval" / "predictions.jsonl").exists()]
+        if not a or not b:
+            continue
+        ca, cb = seed_mean_correct(a), seed_mean_correct(b)
+        for key in sorted(ca.keys() & cb.keys()):
+            ids = sorted(ca[key].keys() & cb[key].keys())
+            if ids:
+                d, lo, hi = paired_bootstrap([cb[key][i] for i in ids], [ca[key][i] for i in ids])
+                rows.append(f"| {row} − {against} | {len(a)} vs {len(b)} | {key[1]} | {len(ids)} | {100 * d:+.1f} | "
+                            f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    if not rows:
+        return []
+    return ["", "Paired differences on the same held-out questions (each question's correctness averaged over "
+            "a row's seeds), with 95 % bootstrap intervals (10,000 resamples of the questions):", "",
+            "| comparison | seeds | modality | n | Δ accuracy (points) | 95 % interval |",
+            "| --- | --- | --- | --- | --- | --- |"] + rows
