@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tars.errors import UserError
+from tars.quiet import hf_progress_off
 
 #: model_type in config.json → backend class path.
 BACKENDS = {
@@ -52,6 +53,7 @@ def load_tokenizer(path: Path):
         raise UserError(f"{path}: could not load the tokenizer ({str(e).splitlines()[0][:200]})") from None
 
 
+@hf_progress_off()  # tars's own lines and bars only (tars.quiet)
 def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cache_dir: Path | None = None):
     """The backend for the model folder `path`, chosen by its config's `model_type`."""

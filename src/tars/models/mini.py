@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tars.paths import tars_home
+from tars.quiet import hf_progress_off
 
 AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 #: Frames stacked per audio token: Whisper's 50 Hz → 25 Hz after pooling → 6.25 tokens per second.
@@ -28,6 +29,7 @@ def mini_dir(stage: str = "base") -> Path:
     return tars_home() / "mini" / stage
 
 
+@hf_progress_off()  # the conversions' load / save bars say nothing to a user
 def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAULT_STACK, seed: int = 0) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
@@ -81,6 +83,7 @@ def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAUL
 SHIPPED_STAGES = {"demo": ("mini_demo.safetensors", "base"), "soft": ("mini_soft.safetensors", "demo")}
 
 
+@hf_progress_off()  # unpacking's load / save bars say nothing to a user
 def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
     """`mini:NAME` for a shipped stage: unpacked from `pack` (default: the one shipped with tars) onto
     its base stage once, and again when the pack changes — so it works on a fresh machine."""
