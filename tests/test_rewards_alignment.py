@@ -41,13 +41,15 @@ def test_accuracy_reward_reads_the_gold_letter():
 
 
 def test_base_reward_adds_weighted_format():
-    # format_score: 1, 0.5, 0, 1, 0.5
-    # λ=0.5: 1+0.5·1=1.5, 0+0.5·0.5=0.25, 0+0=0, 1+0.5=1.5, 1+0.5·0.5=1.25
-    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.5, 0.25, 0.0, 1.5, 1.25]
-    # λ=1 (the reference code's weight): 2, 0.5, 0, 2, 1.5
-    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_weight=1.0) == [2.0, 0.5, 0.0, 2.0, 1.5]
-    # binary R_fmt (the paper): loose formats earn nothing: 1.5, 0, 0, 1.5, 1
-    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_levels="binary") == [1.5, 0.0, 0.0, 1.5, 1.0]
+    # By default the paper's binary R_fmt (as the trainer): loose formats earn nothing.
+    # λ=0.5: 1+0.5·1=1.5, 0+0=0, 0+0=0, 1+0.5=1.5, 1+0=1
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.5, 0.0, 0.0, 1.5, 1.0]
+    # graded format_score (the reference code's scale): 1, 0.5, 0, 1, 0.5
+    # λ=0.5: 1.5, 0+0.5·0.5=0.25, 0, 1.5, 1+0.5·0.5=1.25
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_levels="graded") == [1.5, 0.25, 0.0, 1.5, 1.25]
+    # graded × λ=1 (the reference code's weight): 2, 0.5, 0, 2, 1.5
+    assert base_reward(COMPLETIONS, OPTIONS, ANSWERS, format_weight=1.0, format_levels="graded") == [
+        2.0, 0.5, 0.0, 2.0, 1.5]
 
 
 def test_base_reward_rejects_unpaired_lists():

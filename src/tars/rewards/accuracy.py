@@ -39,14 +39,14 @@ def accuracy_reward(completions: list[str], options: list[list[str]], answers: l
 
 def base_reward(
     completions: list[str], options: list[list[str]], answers: list[str], format_weight: float = FORMAT_WEIGHT,
-    format_levels: FormatLevels = "graded",
+    format_levels: FormatLevels = "binary",
 ) -> list[float]:
     """`R_base = R_acc + λ·R_fmt` per completion (DESIGN §2 step 2), λ = `format_weight`.
 
-    `R_fmt` is `format_score` at `format_levels`: graded (1 strict, 0.5 loose, 0 otherwise), so with
-    λ = 0.5 a right answer in the exact format scores 1.5, a right answer in a loose format 1.25, a
-    wrong answer in the exact format 0.5; or binary (the paper, and the trainer's default: 1 strict,
-    else 0). Every rollout gets this, speech and text alike; only speech rollouts add the alignment
+    `R_fmt` is `format_score` at `format_levels`: binary by default (the paper, and the trainer's
+    default: 1 strict, else 0), so with λ = 0.5 a right answer in the exact format scores 1.5, a right
+    answer in a loose format 1.0, a wrong answer in the exact format 0.5; or graded (the reference
+    code's scale: 1 strict, 0.5 loose, 0 otherwise; docs/fidelity.md row 3). Every rollout gets this, speech and text alike; only speech rollouts add the alignment
     terms (`tars.rewards.alignment`). The trainer computes the same sum from the two parts, which it
     also logs.
     """
