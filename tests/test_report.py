@@ -49,6 +49,19 @@ def test_report_from_an_eval_and_a_run(tmp_path):
     assert "<table>" in page and "data:image/png;base64," in page and "<td>eval_base</td>" in page
 
 
+def test_training_curves_say_they_are_rollouts_not_the_table_s_greedy_accuracy(tmp_path):
+    # Seen in headless Chromium: a reader put the curves' 0.05-0.45 beside the table's 41.7 %.
+    from tars.eval.report import TRAINING_NOTE
+
+    ev, run = make_fixture(tmp_path)
+    md = build_report([ev, run], tmp_path / "rep").read_text()
+    after = md.split("](training_run_tars.png)", 1)[1]
+    assert after.lstrip().startswith(TRAINING_NOTE) and "greedy decoding, in %" in TRAINING_NOTE
+    import html
+
+    assert f"<p>{html.escape(TRAINING_NOTE)}</p>" in (tmp_path / "rep" / "report.html").read_text()
+
+
 def test_report_refuses_a_folder_it_cannot_read(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no metrics.json"):

@@ -23,6 +23,12 @@ CURVES = {
     "accuracy": ["speech/acc", "text/acc"],
     "rewards": ["speech/base", "speech/rep", "speech/beh", "text/base"],
 }
+#: Each panel's y axis: the step's sampled rollouts, not the greedy evaluation of the results table.
+YLABELS = {"accuracy": "share of rollouts correct (0–1)", "rewards": "mean reward per rollout"}
+#: Under every training figure: a reader compares its accuracy with the table's and should not.
+TRAINING_NOTE = ("Per step, over that step's sampled rollouts (at the run's temperature): the share that chose "
+                 "the right option, and each reward's mean (base = R_acc + λ·R_fmt; rep, beh: the alignment "
+                 "rewards of speech rollouts). The results table above is greedy decoding, in %.")
 
 
 def results_table(evals: dict[str, dict]) -> list[str]:
@@ -114,6 +120,7 @@ def plot_training(rows: list[dict], title: str) -> bytes:
                 # a short run's few points would be invisible as a bare line
                 ax.plot(steps, _smooth(ys, k), label=key, marker="o" if len(steps) <= 30 else None, markersize=3)
         ax.set_xlabel("step")
+        ax.set_ylabel(YLABELS[panel], fontsize=8)
         if len(steps) <= 10:  # whole steps only: no 0.96 … 1.04 ticks under a 1-step run
             ax.set_xticks(steps)
         else:
@@ -143,7 +150,7 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     evals: dict[str, dict] = {}
     eval_dirs: dict[str, Path] = {}
-    figures: list[tuple[str, str]] = []  # (caption, file name)
+    figures: list[tuple[str, str, str]] = []  # (caption, file name, note under it)
     for f in map(Path, folders):
         if not f.is_dir():
             raise UserError(f"{f}: not a folder (expected an eval folder, a training run or a layers analysis)")
@@ -165,12 +172,13 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
             if rows and "speech/acc" in rows[0]:
                 name = f"training_{f.name}.png"
                 atomic_write_bytes(out / name, plot_training(rows, f.name))
-                figures.append((f"Training curves of `{f.name}` ({len(rows)} step{'s' if len(rows) != 1 else ''})", name))
+                figures.append((f"Training curves of `{f.name}` ({len(rows)} step{'s' if len(rows) != 1 else ''})", name,
+                                TRAINING_NOTE))
             found = True
         if (f / "layers.json").exists() and (f / "layers.png").exists():
             name = f"layers_{f.name}.png"
             atomic_write_bytes(out / name, (f / "layers.png").read_bytes())
-            figures.append((f"Speech vs text states per decoder layer (`{f.name}`)", name))
+            figures.append((f"Speech vs text states per decoder layer (`{f.name}`)", name, ""))
             found = True
         if not found:
             raise UserError(f"{f}: holds no metrics.json, metrics.jsonl or layers.json")
@@ -181,8 +189,8 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
                "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
         md += results_table(evals) + [""]
         md += paired_section(eval_dirs)
-    for caption, name in figures:
-        md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    for caption, name, note in figures:
+        md += [f"## {caption}", "", f"![{caption}]({name})", ""] + ([note, ""] if note else [])
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.html", _html(md, out))
     return out / "report.md"
