@@ -92,7 +92,10 @@ def test_make_excludes_questions_of_other_sets(tmp_path):
 
 
 def test_help_starts_with_the_demo():
-    assert "Start with `tars demo`" in " ".join(run_cli("--help").stdout.split())
+    out = run_cli("--help").stdout
+    assert "Start with `tars demo`" in " ".join(out.split())
+    listed = [line.split()[1] for line in out.split("Commands")[1].splitlines() if line.startswith("│ ") and line[2] != " "]
+    assert listed[0] == "demo" and {"speak", "train", "eval", "data", "mini"} <= set(listed)
 
 
 def test_data_make_names_the_n_given():

@@ -542,6 +542,10 @@ def mini_table_cmd(
     typer.echo(f"wrote {table} and {out / 'report' / 'report.md'}")
 
 
+# `tars --help` lists `tars demo` first, where its text says to start (the rest in definition order).
+app.registered_commands.sort(key=lambda c: c.name != "demo")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
     try:
