@@ -180,3 +180,30 @@ def test_kd_stage_refuses_a_model_without_a_ctc_projector(tmp_path):
     raw = tiny_qwen2_audio(tmp_path / "raw", window_s=20.0)
     with pytest.raises(UserError, match="needs a model with a CTC projector"):
         run(cfg(raw, tmp_path / "r", data={"families": ["facts"], "n": 6, "seed": 1}, val_n=2), progress=False)
+
+
+@needs_espeak
+def test_kd_with_a_speech_lora_merges_it_and_keeps_the_teacher_the_original_llm(tiny_ctc, tmp_path, monkeypatch):
+    """With `lora`, the LLM changes (the LoRA is merged into its weights at the end) while every teacher
+    forward ran with the adapters off: the teacher's logits are those of the untouched model."""
+    original = load_backend(tiny_ctc)
+    teachers = []
+    real = kd.completion_logits
+
+    def spy(backend, inputs, completions):
+        out = real(backend, inputs, completions)
+        if inputs.modality == "text":
+            teachers.append((inputs, completions, out.detach()))
+        return out
+
+    monkeypatch.setattr(kd, "completion_logits", spy)
+    out = run(cfg(tiny_ctc, tmp_path / "run", max_steps=4, val_every=4, lr=1e-2,
+                  lora={"r": 2, "alpha": 4, "dropout": 0.0}), progress=False)
+    trained = load_backend(out)
+    changed = [not torch.equal(a, b) for a, b in zip(original.model.model.language_model.parameters(),
+                                                      trained.model.model.language_model.parameters())]
+    assert any(changed)  # merged: a plain checkpoint whose LLM weights moved
+    assert not any("lora" in k for k in trained.state_dict())
+    with torch.no_grad():
+        for inputs, completions, logits in teachers[-2:]:  # the last teachers ran beside a trained LoRA
+            torch.testing.assert_close(completion_logits(original, inputs, completions), logits, atol=1e-5, rtol=0)

@@ -8,8 +8,12 @@ the LLM continuous features instead — a `SoftCTCProjector`, one embedding per 
 from the trained CTC projector — and aligns them the way real Speech LLMs are aligned: the frozen LLM,
 shown the *text* prompt and a gold chain of thought, gives a next-token distribution at every
 completion position (the teacher); shown the *speech* prompt and the same completion, it should give the
-same distributions (the student). Only the projector trains, so the text condition — the backbone's
-accuracy — is untouched by construction.
+same distributions (the student). By default only the projector trains, so the text condition — the
+backbone's accuracy — is untouched by construction. A projector is frame-wise, and a frozen LLM cannot
+learn to read a frame-rate sequence of soft tokens and blanks; with `lora` set, a LoRA on the LLM
+trains beside it on the speech prompt (the teacher runs with the adapters off, so it stays the original
+LLM) and is merged into the LLM at the end — a speech LoRA merged into the LLM, as Speech LLMs are
+usually aligned. Then the text condition changes too, and must be measured again.
 
 Loss per completion token (Hinton et al.'s distillation, temperature τ):
 
@@ -38,6 +42,7 @@ from tars.data.schema import Record
 from tars.data.sources import DataConfig, load_data
 from tars.errors import UserError
 from tars.train.checkpoint import finish_stage, open_stage, resume, save_checkpoint, warmup_cosine
+from tars.rl.tars import LoraSettings, adapters_disabled, add_lora, merge_lora
 from tars.train.supervised import sft_target
 
 
@@ -48,6 +53,8 @@ class KDConfig(Config):
     #: `soft_ctc`: turn the model's CTC projector into a `SoftCTCProjector` first (`from_ctc`);
     #: `keep`: train the model's projector as it is (a soft projector from an earlier run).
     init: Literal["soft_ctc", "keep"] = "soft_ctc"
+    #: A LoRA on the LLM trained beside the projector and merged at the end (None: projector only).
+    lora: LoraSettings | None = None
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 8
@@ -130,7 +137,8 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
     prepare_projector(backend, cfg.init)
     for p in backend.parameters():
         p.requires_grad_(False)
-    params = list(backend.projector.parameters())
+    lora = list(add_lora(backend, cfg.lora).values()) if cfg.lora else []
+    params = list(backend.projector.parameters()) + lora
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -146,7 +154,7 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
 
     def losses(batch: list[Record]) -> dict[str, Tensor]:
         comp = targets(batch)
-        with torch.no_grad():
+        with torch.no_grad(), adapters_disabled(backend):  # the original LLM, whatever trains
             teacher = completion_logits(backend, backend.build_inputs(batch, "text"), comp)
         student = completion_logits(backend, backend.build_inputs(batch, "speech", base_dir=base), comp)
         gold = torch.tensor([t for c in comp for t in c], device=student.device)
@@ -194,6 +202,8 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(out, step + 1, params, opt, sched)
     bar.close()
+    if cfg.lora:
+        merge_lora(backend)
     return finish_stage(backend, out, total)
 
 
