@@ -83,8 +83,11 @@ def open_stage(cfg) -> tuple[Path, bool]:
 
 def finish_stage(backend, out: Path, total: int) -> Path:
     """Save the trained model as `out/model`, drop the checkpoint, mark the stage DONE."""
+    from tars.quiet import hf_progress_off
+
     backend.eval()
-    backend.save_pretrained(out / "model")
+    with hf_progress_off():
+        backend.save_pretrained(out / "model")
     (out / "checkpoint.pt").unlink(missing_ok=True)
     atomic_write_text(out / "DONE", f"{total} steps\n")
     return out / "model"
