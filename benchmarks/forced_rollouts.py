@@ -13,8 +13,8 @@ def force_lengths(n: int) -> None:
 
     real = getattr(Backend, "_decode", None)
 
-    def decode(self, parts, temperature, top_p, max_new_tokens, generator, min_new_tokens, logprobs):
-        return [fixed(self, g) for g in real(self, parts, temperature, top_p, n - 1, generator, n - 1, logprobs)]
+    def decode(self, parts, temperature, top_p, max_new_tokens, generator, min_new_tokens, logprobs, *rest):
+        return [fixed(self, g) for g in real(self, parts, temperature, top_p, n - 1, generator, n - 1, logprobs, *rest)]
 
     def fixed(self, g):
         stop = self.stop_token_ids[0]

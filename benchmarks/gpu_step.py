@@ -2,7 +2,7 @@
 each memory / rollout change on and off, and our rollouts against HF `generate` (issue 13).
 
     timeout 480 .venv/bin/python benchmarks/gpu_step.py \\
-        --variants default,hf_generate,joint,separate_rollouts,no_checkpointing \\
+        --variants default,hf_generate,joint,separate_rollouts,no_checkpointing,compiled_decode \\
         --warmup-new-tokens 32 --budget-s 420 | tee gpu_step.jsonl
 
 (one lent H100/H200, one call of under 8 minutes including model construction). On a CPU, the same
@@ -38,6 +38,9 @@ may combine changes with `+`, e.g. `joint+no_checkpointing`; or one variant from
   joint              joint_groups=true: both modalities' graphs alive until one backward (`--joint`)
   separate_rollouts  the trainer's `generate_paired` replaced by two `generate` calls, speech then text
                      (`--separate-rollouts`)
+  static_decode      decode_cache=static: preallocated KV cache, every row decoded to the end
+  compiled_decode    static + compile_decode=true: the decode step through torch.compile (its warm-up
+                     step pays the compile; a timed step then runs the compiled graph)
   hf_generate        rollouts only: our `generate_paired` vs HF `model.generate` on the same 8 prompts
                      × 8 samples (speech and text prompts in one left-padded batch of inputs_embeds,
                      `num_return_sequences` 4, min_new_tokens = max_new_tokens = --new-tokens, top_k
@@ -103,7 +106,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models.make_tokenizer: the offline tokenizer
 
 PHASES = ("generate", "score", "rewards", "update")
-CHANGES = ("no_checkpointing", "joint", "separate_rollouts")
+CHANGES = ("no_checkpointing", "joint", "separate_rollouts", "static_decode", "compiled_decode")
 KNOWN = ("default", "hf_generate") + CHANGES
 #: Dense bf16 TFLOPS (no sparsity) by a substring of `torch.cuda.get_device_name()`, first match wins.
 PEAK_TFLOPS = (("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0),
@@ -297,9 +300,10 @@ class ScoreCounter:
 def separate_rollouts(be) -> None:
     """`generate_paired` as two `generate` calls (what it does for a backend that cannot mix)."""
 
-    def paired(parts, temperature=1.0, top_p=1.0, max_new_tokens=256, min_new_tokens=0, logprobs=False):
-        return [be.generate(inp, n, temperature, top_p, max_new_tokens, None, min_new_tokens, seeds, logprobs)
-                for inp, n, seeds in parts]
+    def paired(parts, temperature=1.0, top_p=1.0, max_new_tokens=256, min_new_tokens=0, logprobs=False,
+               decode=None):
+        return [be.generate(inp, n, temperature, top_p, max_new_tokens, None, min_new_tokens, seeds, logprobs,
+                            decode) for inp, n, seeds in parts]
 
     be.generate_paired = paired
 
@@ -408,7 +412,9 @@ def run_training(variant: str, args, be, embedder, records, base_dir, counts, pe
         steps=args.steps + 1, questions_per_step=Q, speech_rollouts=G, text_rollouts=G, temperature=1.0,
         top_p=1.0, max_new_tokens=args.new_tokens, lora={"r": 8, "alpha": 32.0, "dropout": 0.05},
         activation_checkpointing=ckpt, joint_groups="joint" in changes,
-        micro_batch_questions=args.micro_batch_questions, lr=1e-12, warmup_frac=0.0, tensorboard=False,
+        decode_cache="static" if changes & {"static_decode", "compiled_decode"} else "dynamic",
+        compile_decode="compiled_decode" in changes, micro_batch_questions=args.micro_batch_questions,
+        lr=1e-12, warmup_frac=0.0, tensorboard=False,
         save_merged=False, device=str(device), dtype=dtype_name, seed=args.seed))
     trainer = TarsTrainer(cfg, cfg.steps, backend=be, embedder=embedder)
     if args.backward_shim:

@@ -2,6 +2,7 @@
 speech and text decoded apart vs in one batch.
 
     .venv/bin/python benchmarks/rollouts.py [--before REV] [--questions 2] [--rollouts 4] [--new-tokens 160]
+        [--compiled] [--only paired,static] [--threads 2]
 
 Variants, each in a fresh process, alternating over --rounds rounds (this machine is noisy):
 
@@ -9,9 +10,15 @@ Variants, each in a fresh process, alternating over --rounds rounds (this machin
              decoded in two passes (run from a temporary worktree)
   separate   now: one prefill per prompt, its KV cache repeated for the samples; two passes
   paired     now: `generate_paired`, speech and text rows in one decode batch (what `tars train` does)
+  static     paired with a static KV cache (`decode_cache=static`: preallocated, every row to the end)
+  compiled   static + `torch.compile` of the decode step (`compile_decode=true`; --compiled only, the
+             compile itself is excluded: it happens in the warm-up pass)
 
 The same questions, temperature 1 and per-row seeds: every variant samples the same tokens (checked:
-each variant prints a digest of its completions), so the times compare like with like.
+each variant prints a digest of its completions, and the token count), so the times compare like with
+like. `static` / `compiled` may differ from `paired` by a draw that float round-off puts across a token
+boundary (on mini:demo one row of 16 at 64 tokens; docs/performance.md): same count, another digest.
+`--only paired,static` runs just those variants (a loaded machine: add `--threads 1`).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ def one_variant(args) -> None:
     from tars.data.sources import DataConfig, load_data
     from tars.models.loading import load_backend
 
+    try:
+        from tars.models.backend import DecodeOptions
+    except ImportError:  # a --before revision without it runs only `separate`
+        DecodeOptions = None
     torch.set_num_threads(args.threads)
     records, base_dir = load_data(DataConfig(families=["comparison", "facts", "units", "arithmetic"],
                                              n=args.questions, seed=11), "speech")
@@ -48,9 +59,10 @@ def one_variant(args) -> None:
         prompts = {"speech": be.build_inputs(records, "speech", base_dir=base_dir),
                    "text": be.build_inputs(records, "text")}
         t0 = time.perf_counter()
-        if args.variant == "paired":
+        if args.variant in ("paired", "static", "compiled"):
+            decode = DecodeOptions("dynamic" if args.variant == "paired" else "static", args.variant == "compiled")
             gens = be.generate_paired([(prompts[m], G, seeds[m]) for m in ("speech", "text")], 1.0, 1.0,
-                                      args.new_tokens, logprobs=True)
+                                      args.new_tokens, logprobs=True, decode=decode)
         else:
             gens = [be.generate(prompts[m], G, 1.0, 1.0, args.new_tokens, row_seeds=seeds[m], logprobs=True)
                     for m in ("speech", "text")]
@@ -72,11 +84,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="timed generations per process")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variant", choices=["before", "separate", "paired"], help=argparse.SUPPRESS)
+    ap.add_argument("--compiled", action="store_true", help="also time the compiled static decode")
+    ap.add_argument("--only", help="comma-separated variants to run (e.g. paired,static), in this order")
+    ap.add_argument("--variant", choices=["before", "separate", "paired", "static", "compiled"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         return one_variant(args)
-    variants = (["before"] if args.before else []) + ["separate", "paired"]
+    variants = (["before"] if args.before else []) + ["separate", "paired", "static"] + (["compiled"] if args.compiled else [])
+    if args.only:
+        variants = [v.strip() for v in args.only.split(",")]
+        known = ("before", "separate", "paired", "static", "compiled")
+        if any(v not in known for v in variants) or ("before" in variants and not args.before):
+            sys.exit(f"--only: unknown variant or `before` without --before: {args.only}")
     results: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "before"
@@ -104,7 +123,7 @@ def main() -> None:
             if args.before:
                 subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tree)])
     med = {v: statistics.median(x["seconds"] for x in rows) for v, rows in results.items()}
-    base = "before" if args.before else "separate"
+    base = "before" if "before" in variants else "separate" if "separate" in variants else variants[0]
     for v in variants:
         print(f"{v:8s} median {med[v]:.2f} s; {base}/{v} = {med[base] / med[v]:.2f}x")
 

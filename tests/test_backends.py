@@ -435,3 +435,122 @@ def test_encoder_fingerprint_tells_float16_from_float32_even_for_float16_born_we
             p.copy_(p.half().float())  # exactly representable in float16, like Whisper's CT2 weights
     assert encoder_fingerprint(enc) == encoder_fingerprint(copy.deepcopy(enc))
     assert encoder_fingerprint(enc) != encoder_fingerprint(copy.deepcopy(enc).half())
+
+
+def _decode_calls(backend):
+    """A hook on the decoder recording each call's (rows, mask width, its cache layers' class names)."""
+    from tars.models.hf_compat import cache_name
+
+    calls = []
+
+    def pre(_m, args, kwargs):
+        cache = kwargs.get(cache_name())
+        layers = () if cache is None else {type(layer).__name__ for layer in cache.layers}
+        calls.append((kwargs["inputs_embeds"].shape[0], kwargs["attention_mask"].shape[1], layers))
+
+    return calls, backend.decoder().register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _assert_same_generations(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids and g.truncated == w.truncated and g.prompt_index == w.prompt_index
+        for x, y in zip(g.logprobs, w.logprobs, strict=True):
+            torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_cache_decode_equals_the_dynamic_one(setup, monkeypatch, temperature):
+    """The static-cache path (preallocated KV buffers, every row kept to the end) gives the same tokens,
+    stops and sampler log-probs as the default path, for paired speech + text parts — also when rows
+    stop at different steps (the dynamic path drops them from the batch, the static one keeps decoding
+    them and cuts afterwards); and it really decodes through static layers at one shape."""
+    from tars.models.backend import DecodeOptions
+
+    backend, recs, d = setup
+    speech = backend.build_inputs(recs, "speech", base_dir=d)
+    text = backend.build_inputs(recs, "text")
+    parts = [(speech, 2, list(range(10, 16))), (text, 2, list(range(20, 26)))]
+    n_new = 10
+    want = backend.generate_paired(parts, temperature, 0.9, n_new, logprobs=True)
+    calls, hook = _decode_calls(backend)
+    try:
+        got = backend.generate_paired(parts, temperature, 0.9, n_new, logprobs=True, decode=DecodeOptions("static"))
+    finally:
+        hook.remove()
+    _assert_same_generations(got, want)
+    steps = [c for c in calls if c[2]]  # the decode steps (the prefills have no cache yet)
+    assert steps and all(layers == {"StaticLayer"} for _, _, layers in steps)
+    Ps, Pt = speech.embeds.shape[1], text.embeds.shape[1]
+    if backend.can_mix(["speech", "text"]):  # one batch of 12 rows, one shape for every step
+        assert {(rows, width) for rows, width, _ in steps} == {(12, max(Ps, Pt) + n_new)}
+    else:  # part by part (Phi-4's speech LoRA): one shape per part
+        assert {(rows, width) for rows, width, _ in steps} == {(6, Ps + n_new), (6, Pt + n_new)}
+
+    # Rows that stop at different steps (a stop rule on the random model, searched as above).
+    head = backend.lm_head()
+    for k in range(32):
+        monkeypatch.setattr(backend, "lm_head", lambda k=k: _StopWhen(head, backend.stop_token_ids[0], k))
+        want = backend.generate_paired(parts, temperature, 0.9, n_new, logprobs=True)
+        lengths = {len(t) for g in want for t in g.token_ids}
+        if len(lengths) > 2 and any(not t for g in want for t in g.truncated):
+            break
+    else:
+        raise AssertionError("no stop rule makes rows stop at different steps")
+    got = backend.generate_paired(parts, temperature, 0.9, n_new, logprobs=True, decode=DecodeOptions("static"))
+    _assert_same_generations(got, want)
+
+
+def test_static_cache_holds_the_prefill_and_frees_its_source(setup):
+    """`_static_cache`: the prefill's keys/values in the first columns, zeros after, the length set;
+    the dynamic cache it copied is emptied (never both held whole during a decode)."""
+    from tars.models.backend import _static_cache
+    from tars.models.hf_compat import kv_cache
+
+    backend, recs, d = setup
+    inp = backend.build_inputs(recs, "text")
+    P = inp.embeds.shape[1]
+    with torch.no_grad():
+        out = backend.decoder()(inputs_embeds=inp.embeds, attention_mask=inp.attention_mask, use_cache=True)
+    cache = kv_cache(out)
+    want = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    static = _static_cache(cache, P + 5)
+    for layer, src, (k, v) in zip(static.layers, cache.layers, want, strict=True):
+        assert layer.keys.shape[-2] == P + 5 and int(layer.get_seq_length()) == P
+        assert torch.equal(layer.keys[:, :, :P], k) and torch.equal(layer.values[:, :, :P], v)
+        assert not layer.keys[:, :, P:].any() and not layer.values[:, :, P:].any()
+        assert src.keys.numel() == 0 and src.values.numel() == 0
+
+
+def test_compiled_static_decode_equals_the_dynamic_one(setup):
+    """`torch.compile` over the static decode step: greedy tokens equal, sampled (row-seeded) tokens and
+    their log-probs within tolerance; the compiled graph really ran, compiled once for every step."""
+    from torch._dynamo.utils import counters
+
+    from tars.models.backend import DecodeOptions
+
+    backend, recs, d = setup
+    if backend.__class__.__name__ != "Qwen2AudioBackend":
+        pytest.skip("compiled once, on the Qwen2-Audio backend: a compile costs ~a minute on 2 cores")
+    torch._dynamo.reset()
+    counters.clear()
+    text = backend.build_inputs(recs, "text")
+    compiled = DecodeOptions("static", compile=True)
+    for temperature in (0.0, 1.0):
+        want = backend.generate(text, 2, temperature, 1.0, 6, row_seeds=list(range(6)), logprobs=True)
+        got = backend.generate(text, 2, temperature, 1.0, 6, row_seeds=list(range(6)), logprobs=True,
+                               decode=compiled)
+        _assert_same_generations([got], [want])
+    # dynamo traced the whole decode step once (not a silent eager run, no graph break), and all 10
+    # steps of both calls ran that one graph: no recompile per step or per call
+    assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    assert "_orig_mod" not in " ".join(backend.state_dict())
+
+
+def test_decode_options_are_checked():
+    from tars.models.backend import DecodeOptions
+
+    with pytest.raises(ValueError, match="cache"):
+        DecodeOptions("paged")
+    with pytest.raises(ValueError, match="compile needs cache=static"):
+        DecodeOptions("dynamic", compile=True)

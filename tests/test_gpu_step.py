@@ -72,7 +72,7 @@ def test_one_variant_at_the_recipes_shape_through_a_saved_folder():
 
 def test_every_variant_in_one_process():
     Q, G, n, warm = 2, 2, 5, 3
-    variants = "default,no_checkpointing,joint,separate_rollouts,joint+no_checkpointing,hf_generate"
+    variants = "default,no_checkpointing,joint,separate_rollouts,joint+no_checkpointing,static_decode,hf_generate"
     rows = run("--steps", "1", "--questions", str(Q), "--rollouts", str(G), "--new-tokens", str(n),
                "--warmup-new-tokens", str(warm), "--variants", variants, "--embedder", "random")
     setup = rows[0]

@@ -219,6 +219,36 @@ def test_text_alignment_modes_give_the_same_text_advantages_in_a_step(tiny, tmp_
     torch.testing.assert_close(a.speech_adv, b.speech_adv, atol=0, rtol=0)
 
 
+@needs_espeak
+def test_a_step_with_the_static_decode_cache_equals_the_dynamic_one(tiny, tmp_path, lively, monkeypatch):
+    """decode_cache=static reaches the rollouts and changes nothing of the step: texts, rewards, update."""
+    from tars.models.backend import DecodeOptions
+
+    got = {}
+    for mode in ("dynamic", "static"):
+        tr, batch, base_dir = trainer(tiny, tmp_path / mode, decode_cache=mode)
+        seen, real = [], tr.backend.generate_paired
+        monkeypatch.setattr(tr.backend, "generate_paired", lambda *a, **k: seen.append(k["decode"]) or real(*a, **k))
+        m = tr.step(batch, base_dir, 0)
+        assert seen == [DecodeOptions(mode)]
+        got[mode] = ({k: v for k, v in m.items() if not k.startswith("time/")}, tr.last,
+                     {k: v.detach().clone() for k, v in tr.lora.items()})
+    (ma, la, wa), (mb, lb, wb) = got["dynamic"], got["static"]
+    assert la.speech_texts == lb.speech_texts and la.text_texts == lb.text_texts
+    assert ma.keys() == mb.keys() and all(ma[k] == pytest.approx(mb[k], abs=1e-5) for k in ma)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_compile_decode_needs_the_static_cache(tiny, tmp_path):
+    with pytest.raises(UserError, match="compile_decode needs decode_cache=static"):
+        cfg(tiny, tmp_path, compile_decode=True)
+    with pytest.raises(UserError, match="decode_cache"):
+        cfg(tiny, tmp_path, decode_cache="paged")
+    c = cfg(tiny, tmp_path, decode_cache="static", compile_decode=True)
+    assert (c.decode_cache, c.compile_decode) == ("static", True)
+
+
 def test_prompt_batch_select_trims_padding_and_scores_the_same(tiny):
     from tars.data.schema import Record
     from tars.models.loading import load_backend

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from tars.data.prompts import SYSTEM_PROMPT, text_prompt
 from tars.data.schema import Record
+from tars.models.hf_compat import cache_kwargs, kv_cache
 from tars.errors import UserError
 
 Modality = Literal["speech", "text", "transcript"]
@@ -101,6 +102,26 @@ class Generation:
     #: Per row, the log-probability of each token under the distribution it was drawn from
     #: (temperature and top-p applied; 0 for greedy), when `generate(logprobs=True)`.
     logprobs: list[list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode loop runs. `cache="static"` preallocates the KV cache for prompt + max_new_tokens
+    and keeps every row in the batch, so all steps share one shape; `compile=True` (static only) runs
+    each step through `torch.compile` — worth it on a GPU, where a 7B decode step is launch-bound;
+    on a CPU compilation costs more than it saves, so both are off by default. Either way every row
+    gets the tokens and log-probs (within float tolerance) that the dynamic path gives it when sampling
+    is greedy or row-seeded (`row_seeds`, what the trainer uses); with one shared `generator` the static
+    path also draws for rows that already stopped, so later draws of the other rows differ."""
+
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"decode cache must be dynamic or static, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("decode compile needs cache=static (a dynamic cache changes shape every step)")
 
 
 @dataclass
@@ -269,6 +290,7 @@ class Backend(nn.Module):
         min_new_tokens: int = 0,
         row_seeds: Sequence[int] | None = None,
         logprobs: bool = False,
+        decode: DecodeOptions | None = None,
     ) -> Generation:
         """Sample `num_samples` completions per prompt (temperature 0 = greedy), batched, KV cache.
 
@@ -283,9 +305,10 @@ class Backend(nn.Module):
 
         `logprobs`: also return each token's log-probability under the sampling distribution, which
         the trainer compares with the same token's log-prob from its scoring forward (rl/losses.py).
+        `decode`: the static-cache / `torch.compile` decode path (`DecodeOptions`); default dynamic.
         """
         return self._decode([(inputs, num_samples, row_seeds)], temperature, top_p, max_new_tokens, generator,
-                            min_new_tokens, logprobs)[0]
+                            min_new_tokens, logprobs, decode)[0]
 
     def can_mix(self, modalities: Sequence[str]) -> bool:
         """Whether prompts of these modalities may share one decode batch (they run the same weights)."""
@@ -300,6 +323,7 @@ class Backend(nn.Module):
         max_new_tokens: int = 256,
         min_new_tokens: int = 0,
         logprobs: bool = False,
+        decode: DecodeOptions | None = None,
     ) -> list[Generation]:
         """`generate` for several prompt batches at once — a step's speech and text prompts — each part
         `(inputs, num_samples, row_seeds)`: every part is prefilled once per prompt, and all their rows
@@ -307,18 +331,24 @@ class Backend(nn.Module):
         its own (up to padding round-off). Backends whose modalities run different weights (Phi-4's
         speech LoRA) decode part by part."""
         if not self.can_mix([inp.modality for inp, _, _ in parts]):
-            return [self.generate(inp, n, temperature, top_p, max_new_tokens, None, min_new_tokens, seeds, logprobs)
-                    for inp, n, seeds in parts]
-        return self._decode(parts, temperature, top_p, max_new_tokens, None, min_new_tokens, logprobs)
+            return [self.generate(inp, n, temperature, top_p, max_new_tokens, None, min_new_tokens, seeds, logprobs,
+                                  decode) for inp, n, seeds in parts]
+        return self._decode(parts, temperature, top_p, max_new_tokens, None, min_new_tokens, logprobs, decode)
 
     def _decode(self, parts, temperature: float, top_p: float, max_new_tokens: int,
-                generator: torch.Generator | None, min_new_tokens: int, logprobs: bool) -> list[Generation]:
+                generator: torch.Generator | None, min_new_tokens: int, logprobs: bool,
+                decode: DecodeOptions | None = None) -> list[Generation]:
         """The decode loop behind `generate` / `generate_paired`.
 
         Prefill: each prompt once; its KV cache, mask and last state are then repeated for its
         samples (`batch_repeat_interleave`), and the parts' caches are joined left-padded under the
-        mask (`_join_caches`). Decode: one forward per token for every live row; rows that stopped
-        leave the batch and the cache; one host sync per token (how many rows stopped)."""
+        mask (`_join_caches`). Decode (dynamic, the default): one forward per token for every live row;
+        rows that stopped leave the batch and the cache; one host sync per token (how many rows
+        stopped). Decode (static, `decode.cache == "static"`): the joined cache is copied once into
+        preallocated [rows, heads, prompt + max_new_tokens, dim] buffers and every row stays in the
+        batch to the end (a stopped row's later tokens are dropped), so each step has the same shapes
+        and `decode.compile` can compile it once."""
+        decode = decode or DecodeOptions()
         dec, head = self.decoder(), self.lm_head()
         cache = mask = next_pos = last = None
         index_of, uniforms = [], []
@@ -330,7 +360,7 @@ class Backend(nn.Module):
             pos = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
             out = dec(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
                       position_ids=self.positions(pos), use_cache=True)
-            part_cache = out.cache
+            part_cache = kv_cache(out)
             if num_samples > 1:
                 part_cache.batch_repeat_interleave(num_samples)
             part_mask = inputs.attention_mask.repeat_interleave(num_samples, 0)
@@ -347,6 +377,7 @@ class Backend(nn.Module):
                                         dtype=torch.float64) for s in row_seeds]
             elif any(seeds is not None for _, _, seeds in parts):
                 raise ValueError("row_seeds: give them for every part or for none")
+        del out, part_cache  # a later part's own prefill cache, joined into `cache`: not kept beside it
         device = last.device
         N = last.shape[0]
         rand = torch.stack(uniforms).to(device) if uniforms else None
@@ -354,6 +385,10 @@ class Backend(nn.Module):
         pad = self.stop_token_ids[0]
         tokens = torch.full((N, max_new_tokens), pad, dtype=torch.long, device=device)
         token_lp = torch.zeros(N, max_new_tokens, device=device) if logprobs else None
+        if decode.cache == "static":
+            self._decode_static(dec, head, cache, mask, next_pos, last, rand, stops, tokens, token_lp,
+                                min_new_tokens, temperature, top_p, generator, decode.compile)
+            return self._generations(index_of, tokens, token_lp)
         alive = torch.arange(N, device=device)
         for step in range(max_new_tokens):
             logits = head(last).float()
@@ -377,11 +412,52 @@ class Backend(nn.Module):
                 inputs_embeds=self.embed_tokens(nxt[:, None]),
                 attention_mask=mask,
                 position_ids=self.positions(next_pos),
-                cache=cache,
                 use_cache=True,
+                **cache_kwargs(cache),
             )
-            cache, last = out.cache, out.last_hidden_state[:, -1]
+            cache, last = kv_cache(out), out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
+        return self._generations(index_of, tokens, token_lp)
+
+    def _decode_static(self, dec, head, cache, mask: Tensor, next_pos: Tensor, last: Tensor, rand, stops: Tensor,
+                       tokens: Tensor, token_lp, min_new_tokens: int, temperature: float, top_p: float,
+                       generator, compile: bool) -> None:
+        """The static-cache decode loop of `_decode`: fills `tokens` (and `token_lp`) in place."""
+        N, max_new = tokens.shape
+        P = mask.shape[1]
+        static = _static_cache(cache, P + max_new)
+        full_mask = torch.cat([mask, mask.new_zeros(N, max_new)], 1)
+        step_fn = self._compiled_decoder(dec) if compile else dec
+        done = torch.zeros(N, dtype=torch.bool, device=tokens.device)
+        for step in range(max_new):
+            logits = head(last).float()
+            if step < min_new_tokens:
+                logits[:, stops] = float("-inf")
+            nxt, lp = sample_next_with_logprob(logits, temperature, top_p, generator,
+                                               None if rand is None else rand[:, step])
+            tokens[:, step] = nxt
+            if token_lp is not None:
+                token_lp[:, step] = lp
+            done |= torch.isin(nxt, stops)
+            if step == max_new - 1 or bool(done.all()):  # the step's one host sync
+                break
+            full_mask[:, P + step] = 1
+            out = step_fn(inputs_embeds=self.embed_tokens(nxt[:, None]), attention_mask=full_mask,
+                          position_ids=self.positions(next_pos), use_cache=True, **cache_kwargs(static))
+            last = out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+
+    def _compiled_decoder(self, dec: nn.Module):
+        """`torch.compile(dec)`, built once per backend (it recompiles only for a new batch shape). Kept
+        outside the module tree, so the backend's state dict never sees it."""
+        compiled = self.__dict__.get("_compiled_dec")
+        if compiled is None or compiled._orig_mod is not dec:
+            compiled = torch.compile(dec, dynamic=False)
+            object.__setattr__(self, "_compiled_dec", compiled)
+        return compiled
+
+    def _generations(self, index_of: list[list[int]], tokens: Tensor, token_lp: Tensor | None) -> list[Generation]:
+        """Each part's rows cut after their first stop token (kept) and decoded to text."""
         stop_set = set(self.stop_token_ids)
         all_tokens = tokens.tolist()
         all_lps = None if token_lp is None else token_lp.tolist()
@@ -440,9 +516,9 @@ class Backend(nn.Module):
                           position_ids=self.positions(pos), use_cache=True)
                 new_last, new_pos = out.last_hidden_state[:, -1], pos[:, -1:] + 1
                 if cache is None:
-                    cache, mask, next_pos, last = out.cache, inp.attention_mask, new_pos, new_last
+                    cache, mask, next_pos, last = kv_cache(out), inp.attention_mask, new_pos, new_last
                 else:
-                    mask = _join_caches(cache, out.cache, mask, inp.attention_mask)
+                    mask = _join_caches(cache, kv_cache(out), mask, inp.attention_mask)
                     next_pos, last = torch.cat([next_pos, new_pos]), torch.cat([last, new_last])
                 rows += take
                 toks += [[] for _ in take]
@@ -466,8 +542,8 @@ class Backend(nn.Module):
                 mask = _trim_cache(cache, mask[idx])
             mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], 1)
             out = dec(inputs_embeds=self.embed_tokens(nxt[:, None]), attention_mask=mask,
-                      position_ids=self.positions(next_pos), cache=cache, use_cache=True)
-            cache, last = out.cache, out.last_hidden_state[:, -1]
+                      position_ids=self.positions(next_pos), use_cache=True, **cache_kwargs(cache))
+            cache, last = kv_cache(out), out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
 
     # ---- scoring --------------------------------------------------------------------------------
@@ -687,6 +763,30 @@ def stop_tokens(tokenizer, names: Sequence[str]) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _static_cache(cache, max_len: int):
+    """A cache of full-attention static layers holding `cache`'s keys/values in its first columns.
+
+    Every layer is a plain `StaticLayer`, sliding-window ones included: the decode never exceeds
+    `max_len`, and `_check_room` keeps that within the context (Phi-4's window is its context).
+    Consumes `cache`: each of its layers is emptied once copied, so the prefill cache is never held
+    beside the whole static one (at most one layer of it: what `tars plan` allows for)."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    layers = []
+    for src in cache.layers:
+        if getattr(src, "is_sliding", False) and max_len > src.sliding_window:
+            raise NotImplementedError("static decode needs KV caches that hold every token")
+        layer = StaticLayer(max_cache_len=max_len)
+        layer.lazy_initialization(src.keys, src.values)
+        n = src.keys.shape[-2]
+        layer.keys[:, :, :n].copy_(src.keys)
+        layer.values[:, :, :n].copy_(src.values)
+        layer.cumulative_length.fill_(n)
+        layers.append(layer)
+        src.keys, src.values = src.keys.new_empty(0), src.values.new_empty(0)
+    return Cache(layers=layers)
 
 
 def _trim_cache(cache, mask: Tensor) -> Tensor:

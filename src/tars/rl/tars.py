@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from tars.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
@@ -79,6 +79,7 @@ from tars.data.schema import Record
 from tars.data.sources import DataConfig, check_data, load_data
 from tars.errors import UserError
 from tars.metrics_log import MetricsLog
+from tars.models.backend import DecodeOptions
 from tars.paths import resolve
 from tars.rewards.accuracy import accuracy_reward
 from tars.rewards.alignment import (SentenceEmbedder, alignment_rewards, resolve_embedder, select_layers,
@@ -188,6 +189,12 @@ class TarsConfig(Config):
     #: (`Backend.checkpoint_blocks`): about one more forward of compute for the memory of one block's
     #: activations instead of every block's. On in the 7B recipes.
     activation_checkpointing: bool = False
+    #: The rollouts' KV cache: dynamic (rows that stop leave the batch) or static (preallocated for
+    #: prompt + max_new_tokens, every row to the end: one shape per step, what `compile_decode` needs).
+    decode_cache: Literal["dynamic", "static"] = "dynamic"
+    #: `torch.compile` the static decode step (needs decode_cache=static). For GPUs, where a decode
+    #: step is launch-bound; on a CPU the compile costs more than it saves.
+    compile_decode: bool = False
     #: R_beh's sentence embedding model: a sentence-transformers folder or a hub id already in the
     #: Hugging Face cache (the paper: Qwen/Qwen3-Embedding-0.6B); None = the packaged all-MiniLM-L6-v2.
     embedder: str | None = None
@@ -214,6 +221,12 @@ class TarsConfig(Config):
         # The layer count is known only once the model loads; check the form now, the range then.
         select_layers(v, 1 << 20, "equal_thirds")
         return v
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self):
+        if self.compile_decode and self.decode_cache != "static":
+            raise ValueError("compile_decode needs decode_cache=static (a dynamic cache changes shape every step)")
+        return self
 
 
 # ---- LoRA on the LLM --------------------------------------------------------------------------------
@@ -542,7 +555,8 @@ class TarsTrainer:
             speech, text = be.generate_paired(
                 [(prompts["speech"], Gs, self._row_seeds(step, batch, "speech", Gs)),
                  (prompts["text"], Gt, self._row_seeds(step, batch, "text", Gt))],
-                cfg.temperature, cfg.top_p, cfg.max_new_tokens, logprobs=True)
+                cfg.temperature, cfg.top_p, cfg.max_new_tokens, logprobs=True,
+                decode=DecodeOptions(cfg.decode_cache, cfg.compile_decode))
 
         # 2. R_base = R_acc + λ·R_fmt for every rollout, speech and text alike.
         with clock("rewards"):
