@@ -207,3 +207,16 @@ def test_kd_with_a_speech_lora_merges_it_and_keeps_the_teacher_the_original_llm(
     with torch.no_grad():
         for inputs, completions, logits in teachers[-2:]:  # the last teachers ran beside a trained LoRA
             torch.testing.assert_close(completion_logits(original, inputs, completions), logits, atol=1e-5, rtol=0)
+
+
+@needs_espeak
+def test_stop_after_ends_early_on_the_longer_schedule(tiny_ctc, tmp_path):
+    run(cfg(tiny_ctc, tmp_path / "full", max_steps=6, save_every=10, val_every=10), progress=False)
+    run(cfg(tiny_ctc, tmp_path / "cut", max_steps=6, stop_after=3, save_every=10, val_every=10), progress=False)
+    full = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut if "kd" in r] == [1, 2, 3] and cut[-1] == {**cut[-1], "step": 3}
+    assert "val/kd" in cut[-1]  # the stopped run validates at its last step
+    assert [r["lr"] for r in cut if "kd" in r] == [r["lr"] for r in full if "kd" in r][:3]
+    assert [r["kd"] for r in cut if "kd" in r] == pytest.approx([r["kd"] for r in full if "kd" in r][:3], abs=1e-6)
+    assert (tmp_path / "cut" / "model" / "config.json").exists()

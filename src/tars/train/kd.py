@@ -57,6 +57,9 @@ class KDConfig(Config):
     lora: LoraSettings | None = None
     epochs: int = 1
     max_steps: int | None = None
+    #: End the run after this many steps of the schedule `max_steps` / `epochs` set (the learning rate
+    #: still follows that longer schedule): a run stopped early, rerun exactly.
+    stop_after: int | None = None
     batch_size: int = 8
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -144,6 +147,7 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    end = min(total, cfg.stop_after or total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, int(cfg.warmup_frac * total))))
     start = resume(out, params, opt, sched)
     stop_id = backend.stop_token_ids[0]
@@ -174,11 +178,11 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
         _log(out, row)
         backend.train()
 
-    bar = tqdm(total=total, initial=start, desc="kd projector", unit="step", disable=not progress)
+    bar = tqdm(total=end, initial=start, desc="kd projector", unit="step", disable=not progress)
     backend.train()
     if start == 0:
         validate(0)
-    for step in range(start, total):
+    for step in range(start, end):
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(len(train)))
         random.Random(f"{cfg.seed}:{epoch}").shuffle(order)
@@ -197,14 +201,14 @@ def run(cfg: KDConfig, progress: bool = True) -> Path:
                    "seconds": round(time.perf_counter() - t0, 3)})
         bar.set_postfix(kd=f"{parts['kd'].item():.3f}", agree=f"{parts['agree'].item():.2f}")
         bar.update(1)
-        if (step + 1) % cfg.val_every == 0 or step + 1 == total:
+        if (step + 1) % cfg.val_every == 0 or step + 1 == end:
             validate(step + 1)
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < end:
             save_checkpoint(out, step + 1, params, opt, sched)
     bar.close()
     if cfg.lora:
         merge_lora(backend)
-    return finish_stage(backend, out, total)
+    return finish_stage(backend, out, end)
 
 
 def _log(out: Path, row: dict) -> None:
