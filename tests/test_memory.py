@@ -112,7 +112,11 @@ def test_activation_checkpointing_keeps_less_and_scores_and_grads_the_same(tiny)
 def test_a_step_with_every_memory_saving_equals_one_without(tiny, tmp_path, monkeypatch):
     """activation_checkpointing changes what is kept, never the numbers: the same metrics and update.
     And the text-first order keeps one modality's graph at a time: the speech forward starts after the
-    text backward (joint_groups: after both forwards)."""
+    text backward (joint_groups: after both forwards).
+
+    Both steps score one forward per row (`share_prompt=False`, the path checkpointing implies): the
+    step without checkpointing would otherwise run each prompt once for its rows, which draws other
+    LoRA dropout masks and sums in another order (tests/test_shared_prompt.py compares the paths)."""
     from lively import make_lively
 
     from tars.config import validate
@@ -135,7 +139,7 @@ def test_a_step_with_every_memory_saving_equals_one_without(tiny, tmp_path, monk
         events = []
         real_score, real_backward = tr.backend.score, tr.parallel.backward
         monkeypatch.setattr(tr.backend, "score", lambda inp, *a, **k: events.append(("score", inp.modality))
-                            or real_score(inp, *a, **k))
+                            or real_score(inp, *a, share_prompt=False, **k))
         monkeypatch.setattr(tr.parallel, "backward", lambda loss, last: events.append(("backward", last))
                             or real_backward(loss, last))
         rows = [tr.step(records[:2], base_dir, s) for s in range(2)]

@@ -156,8 +156,9 @@ def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path
 @pytest.mark.parametrize("scored_under", ["text", "speech"])
 def test_hidden_states_come_from_the_log_prob_forward(tiny, tmp_path, lively, monkeypatch, scored_under):
     """Per step the decoder runs once per prompt batch (the prefills), once per decoded token for speech
-    and text rows together, and once per `score`: asking for hidden states (tars) adds no pass over
-    grpo, which asks for none."""
+    and text rows together, and twice per `score` (its prompts once, then every row's completion
+    against the prompt's KV cache): asking for hidden states (tars) adds no pass over grpo, which asks
+    for none."""
     counts = {}
     for method in ("grpo", "tars"):
         tr, batch, base_dir = trainer(tiny, tmp_path / method, method=method, text_scored_under=scored_under)
@@ -182,7 +183,7 @@ def test_hidden_states_come_from_the_log_prob_forward(tiny, tmp_path, lively, mo
         assert len(calls) == 2
         assert [c["modality"] for c in calls] == [scored_under, "speech"]
         counts[method] = len(forwards)
-    assert counts["tars"] == counts["grpo"] == 7 + 2  # one paired generation, one score per modality
+    assert counts["tars"] == counts["grpo"] == 7 + 2 * 2  # one paired generation, one score per modality
 
 
 def test_text_alignment_constant_cancels_in_text_advantages():

@@ -17,7 +17,8 @@ the same for every model, and live here once:
   pooled on the fly by forward hooks (mean over the completion tokens and the last one; prompt and the
   final end token excluded). Nothing of shape [layers × tokens × hidden] is kept: each hook reduces its
   layer's output to [batch × hidden] as the forward passes, and log-probs come from the LM head applied
-  to the completion positions only.
+  to the completion positions only. When a prompt has several completions (a GRPO group), that forward
+  is split in two: the prompts once, then the completions against their prompt's KV cache.
 
 The encoder is frozen in every tars recipe, so its output is cached per audio file (see `AudioCache`):
 only the projector and the LLM run per forward.
@@ -558,10 +559,10 @@ class Backend(nn.Module):
         temperature: float = 1.0,
         last_layer: LastLayer = "pre_norm",
         token_states: Callable[[int, Tensor, Tensor], None] | None = None,
+        share_prompt: bool | None = None,
     ) -> Scores:
-        """One forward over prompt + completion: log-probs of every completion token, and the pooled
-        hidden states of `layers` (1-based decoder blocks) over the completion (its final token
-        excluded when it is a stop token).
+        """Log-probs of every completion token, and the pooled hidden states of `layers` (1-based
+        decoder blocks) over the completion (its final token excluded when it is a stop token).
 
         `temperature`: the log-probs (and entropies) are those of softmax(logits / temperature), the
         distribution `generate` samples from at that temperature (top-p is not applied here).
@@ -574,6 +575,20 @@ class Backend(nn.Module):
 
         Pooled states are float32 whatever the model's dtype (sums accumulated in float32), and
         positions outside the pooling mask never enter them, even when they hold inf or NaN.
+
+        `share_prompt`: how the prompt is run. Unshared, one forward over prompt + completion per row,
+        so a prompt with G completions (a GRPO group) goes through the decoder G times. Shared, the
+        decoder runs once over the distinct prompts (`inputs`) and once over the completions, which
+        attend to their prompt's KV cache expanded to the rows (`_prefill_rows`); its gradient flows
+        back into the prompt's keys and values, summed over the rows. Without dropout both give the
+        same log-probs, states and gradients up to float round-off. None (default) shares when some
+        prompt has two or more rows and the backend allows it (`_can_share_prompt`: not under
+        `checkpoint_blocks` with grad enabled); False never; True always, or an error where it cannot.
+        Under LoRA dropout the shared path draws ONE mask for a prompt's positions where the
+        unshared path draws one per row. The loss is linear in the rows, so its expected value and
+        expected gradient are the same either way; the prompt's dropout noise is then common to a
+        group's rows instead of independent, and group-relative advantages (zero-sum over a group)
+        cancel that common part rather than adding G independent draws of it.
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for scoring, got {temperature}")
@@ -605,9 +620,10 @@ class Backend(nn.Module):
             if c[-1] in stop_set and len(c) > 1:
                 pool[r, len(c) - 1] = False
 
+        shared = self._share_prompt(prompt_index, grad, share_prompt)
+
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
-            embeds = torch.cat([inputs.embeds.index_select(0, index), self.embed_tokens(comp)], 1)
             mask = torch.cat([inputs.attention_mask.index_select(0, index), cmask.long()], 1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             # Masked means in float32 via `where`, not a multiply by a 0/1 mask: 0 · inf = NaN, and a
@@ -618,12 +634,12 @@ class Backend(nn.Module):
             last_t = pool.long().sum(1) - 1  # each row's last pooled token, completion-relative
             count = pool.sum(1, keepdim=True).clamp(min=1).float()
             rows = torch.arange(N, device=device)
-            H = embeds.shape[-1]
+            H = inputs.embeds.shape[-1]
             sum_buf = torch.zeros(len(layers), N, H, dtype=torch.float32, device=device)
             last_buf = torch.zeros(len(layers), N, H, dtype=torch.float32, device=device)
 
             def pool_states(i: int, h_full: Tensor) -> None:
-                h = h_full.detach()[:, P:]
+                h = h_full.detach()[:, -T:]  # the completion positions (preceded by the prompt's when unshared)
                 torch.sum(torch.where(select, h, 0.0), 1, dtype=torch.float32, out=sum_buf[i])
                 last_buf[i].copy_(h[rows, last_t])
                 if token_states is not None:
@@ -635,25 +651,35 @@ class Backend(nn.Module):
 
                 return hook
 
+            if shared:  # before the pooling hooks exist: they pool the completion pass only
+                prompt_last, cache = self._prefill_rows(inputs, index)
+                embeds, pos, past = self.embed_tokens(comp), pos[:, P:], cache_kwargs(cache)
+            else:
+                embeds = torch.cat([inputs.embeds.index_select(0, index), self.embed_tokens(comp)], 1)
+                past = {}
             # post_norm: the last block's entry is pooled from the decoder's output (after its norm).
             from_output = layers.index(n_layers) if last_layer == "post_norm" and n_layers in layers else None
             blocks = self.decoder_layers()
             handles = [blocks[l - 1].register_forward_hook(pool_into(i)) for i, l in enumerate(layers)
                        if i != from_output]
             try:
-                hidden = self.decoder()(
-                    inputs_embeds=embeds, attention_mask=mask, position_ids=self.positions(pos), use_cache=False
-                ).last_hidden_state
+                hidden = self.decoder()(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=self.positions(pos), use_cache=shared, **past).last_hidden_state
             finally:
                 for h in handles:
                     h.remove()
             if from_output is not None:
                 pool_states(from_output, hidden)
-            # Completion token t is predicted at position P + t - 1. Only the real completion tokens
-            # go through the LM head, in chunks (`token_logprobs`): never an [N, T, vocab] tensor.
+            # Completion token t is predicted at position P + t - 1: token 0 by the prompt's last state
+            # (from the prompt pass when shared), the others by the completion's states. Only the
+            # real completion tokens go through the LM head, in chunks (`token_logprobs`): never an
+            # [N, T, vocab] tensor.
+            if shared:
+                before = torch.cat([prompt_last[:, None], hidden[:, : T - 1]], 1)
+            else:
+                before = hidden[:, P - 1 : P + T - 1]
             where = cmask.nonzero(as_tuple=True)
-            lp, ent = token_logprobs(self.lm_head(), hidden[:, P - 1 : P + T - 1][where], comp[where],
-                                     temperature, entropy)
+            lp, ent = token_logprobs(self.lm_head(), before[where], comp[where], temperature, entropy)
             # Scattered into zeros: a padded position never holds anything but 0 (never NaN).
             logprobs = torch.zeros(N, T, dtype=lp.dtype, device=device).index_put(where, lp)
         result = Scores(logprobs, cmask, layers)
@@ -662,6 +688,35 @@ class Backend(nn.Module):
         if layers:
             result.pooled = {"mean": (sum_buf / count).transpose(0, 1), "last": last_buf.transpose(0, 1)}
         return result
+
+    def _can_share_prompt(self, grad: bool) -> str | None:
+        """Why `score` cannot share its prompt pass here, or None when it can. Under checkpointed blocks
+        with grad, the backward's recompute of each block would run the KV cache's `update` a second
+        time (appending the prompt's keys again); backends whose decoder cannot continue from a cache
+        with a multi-token step override this."""
+        if grad and any("_tars_plain_forward" in b.__dict__ for b in self.decoder_layers()):
+            return "the decoder blocks are checkpointed (checkpoint_blocks)"
+        return None
+
+    def _share_prompt(self, prompt_index: Sequence[int], grad: bool, share_prompt: bool | None) -> bool:
+        """`score`'s choice of path; sharing pays only when a prompt would otherwise run twice or more."""
+        why_not = self._can_share_prompt(grad)
+        if share_prompt is None:
+            return why_not is None and len(set(prompt_index)) < len(prompt_index)
+        if share_prompt and why_not is not None:
+            raise ValueError(f"score(share_prompt=True): not possible here, {why_not}")
+        return bool(share_prompt)
+
+    def _prefill_rows(self, inputs: PromptBatch, index: Tensor) -> tuple[Tensor, object]:
+        """The prompts' last (post-norm) states and KV cache, run once per prompt and expanded to the
+        completion rows `index`. The expansion indexes out of place (`batch_select_indices`: a gather
+        into new tensors), so the rows' gradients flow back into the one prompt pass and add up there."""
+        pos = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                             position_ids=self.positions(pos), use_cache=True)
+        cache = kv_cache(out)
+        cache.batch_select_indices(index)
+        return out.last_hidden_state[:, -1].index_select(0, index), cache
 
     def checkpoint_blocks(self, on: bool = True) -> None:
         """Activation checkpointing of the decoder blocks: with grad enabled, each block keeps only its
