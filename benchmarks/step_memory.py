@@ -9,11 +9,14 @@ Variants (each in a fresh process, one after the other, the same questions, roll
   joint        log-probs in chunks; both modalities' graphs alive until one backward (joint_groups=true)
   text_first   + text's forward and backward before speech's forward (the default order)
   checkpoint   + activation_checkpointing=true (the 7B recipes' setting)
+  release      + release_memory=true (freed memory back to the OS at once: tars/host_memory.py)
 
 Per variant: one warm-up step, then --steps measured steps; the peak RSS of the process during the
-measured steps (a 1 ms sampler thread) and its rise over the loaded process, and the median step time
-and its phases. Memory, not time, is what this benchmark is about: the times show what checkpointing's
-recompute costs.
+measured steps (a 1 ms sampler thread) and its rise over the process before them, the process's
+lifetime peak (`ru_maxrss`: the warm-up step included; glibc's heap rarely shrinks, so without
+`release` the measured steps reuse what the warm-up grew), and the median step time and its phases.
+Memory, not time, is what this benchmark is about: the times show what checkpointing's recompute
+and `release`'s page faults cost.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +40,7 @@ VARIANTS = {
     "joint": {"joint_groups": True},
     "text_first": {},
     "checkpoint": {"activation_checkpointing": True},
+    "release": {"activation_checkpointing": True, "release_memory": True},
 }
 
 
@@ -68,6 +73,7 @@ def one_variant(args) -> None:
     out["step"] = statistics.median(r["time/step"] for r in rows)
     out["rise_mb"] = mem.delta_mb
     out["peak_mb"] = mem.peak / 2**20
+    out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["tokens"] = sum(r["speech/length"] + r["text/length"] for r in rows) / len(rows)
     print("RESULT " + json.dumps(out))
 
@@ -76,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mini:demo", help="model folder or mini:STAGE/model")
     ap.add_argument("--before", help="git revision to measure as `before` (e.g. the commit before the change)")
-    ap.add_argument("--variants", default="joint,text_first,checkpoint")
+    ap.add_argument("--variants", default="joint,text_first,checkpoint,release")
     ap.add_argument("--questions", type=int, default=2)
     ap.add_argument("--rollouts", type=int, default=4, help="per modality")
     ap.add_argument("--new-tokens", type=int, default=160, help="every completion's length")
@@ -108,12 +114,14 @@ def main() -> None:
                 sys.exit(f"{v} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[7:])
             results[v] = row
-            print(f"{v:11s} peak RSS {row['peak_mb']:7.0f} MB, step's rise {row['rise_mb']:6.0f} MB; step "
+            print(f"{v:11s} peak RSS {row['peak_mb']:7.0f} MB (lifetime {row['maxrss_mb']:7.0f}), step's rise "
+                  f"{row['rise_mb']:6.0f} MB; step "
                   f"{row['step']:6.2f} s (" + ", ".join(f"{p} {row[p]:.2f}" for p in PHASES) + ")", flush=True)
     base = results["before"] if "before" in results else results[variants[0]]
     name = "before" if "before" in results else variants[0]
     for v, row in results.items():
-        print(f"{v:11s} vs {name}: peak {base['peak_mb'] / row['peak_mb']:.2f}x lower, "
+        print(f"{v:11s} vs {name}: peak {base['peak_mb'] / row['peak_mb']:.2f}x lower (lifetime "
+              f"{base['maxrss_mb'] / row['maxrss_mb']:.2f}x), "
               f"rise {base['rise_mb'] / max(row['rise_mb'], 1):.2f}x lower, step time {row['step'] / base['step']:.2f}x")
 
 

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from tars.config import Config, load_config, save_config
 from tars.data.mini_sets import HELDOUT, mini_sets
+from tars.host_memory import release_freed_memory
 from tars.models.mini import demo_stage
 from tars.models.stage_pack import find_pack
 
@@ -47,6 +48,9 @@ class DemoConfig(Config):
     eval_max_new_tokens: int = Field(192, ge=1)
     lr: float = Field(1e-4, gt=0)
     seed: int = 0
+    #: Keep the demo's RSS within a small machine's memory: freed memory back to the OS at once
+    #: (tars/host_memory.py) and activation checkpointing in the TARS run; off = faster, more memory.
+    low_memory: bool = True
 
 
 def demo_questions(n_heldout: int, n_train: int):
@@ -69,12 +73,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     pack = find_pack(cfg.pack)
     if (out / "demo.yaml").exists():  # resuming: every finished piece is reused, so it must be this demo's
         old = load_config(DemoConfig, out / "demo.yaml")
-        changed = [k for k in DemoConfig.model_fields if getattr(old, k) != getattr(cfg, k)]
+        changed = [k for k in DemoConfig.model_fields if k != "low_memory" and getattr(old, k) != getattr(cfg, k)]
         if changed:
             k = changed[0]
             raise UserError(f"{out} holds a demo made with {k}={getattr(old, k)} (now {getattr(cfg, k)}); "
                             "pass another out=, or remove that folder")
     save_config(cfg, out, "demo.yaml")
+    if cfg.low_memory:
+        release_freed_memory()
     t0 = time.perf_counter()
 
     def step(name: str) -> None:
@@ -99,7 +105,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
                       data=DataConfig(file=str(out / "data" / "train.jsonl")), steps=cfg.steps,
                       questions_per_step=cfg.questions_per_step, speech_rollouts=cfg.rollouts,
                       text_rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens, lr=cfg.lr,
-                      warmup_frac=0.05, save_every=2, seed=cfg.seed)
+                      warmup_frac=0.05, save_every=2, seed=cfg.seed,
+                      activation_checkpointing=cfg.low_memory, release_memory=cfg.low_memory)
     trained = str(train(tcfg, progress=progress))
 
     step("evaluation of the trained model")

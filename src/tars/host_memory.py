@@ -1,0 +1,42 @@
+"""Freed tensor memory back to the operating system at once, so a CPU process's RSS follows the
+tensors it holds rather than the largest heap it ever needed.
+
+glibc's malloc serves a request below its mmap threshold from its heap and one above it with its own
+mmap, unmapped on free. The threshold starts at 128 KiB and rises to the size of every mmapped block
+freed, up to 32 MiB, so after the first forward almost every activation of the mini model (1–30 MB)
+comes from the heap; the heap is given back only from its top, and blocks kept across layers
+(checkpointed blocks' inputs, the KV cache) pin everything below them. Measured on the mini model
+(docs/performance.md, "Peak memory of a step"): a checkpointed scoring forward of 16 rows holds
+~0.3 GB of tensors, but the process's RSS rose from 1.4 to 7.9 GB; with the threshold fixed at 1 MiB
+it rose to 1.5 GB. The price is a page fault per fresh page of every large tensor: steps ran ~20–30 %
+slower, which is why this is a switch (`release_memory`) and not the default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+#: mallopt's parameter number for the mmap threshold (glibc malloc.h).
+M_MMAP_THRESHOLD = -3
+#: The threshold `release_freed_memory` sets: blocks of 1 MiB and more are mapped and unmapped on
+#: their own. Measured against 4 and 16 MiB in docs/performance.md.
+THRESHOLD_BYTES = 1 << 20
+
+
+def release_freed_memory(threshold: int = THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes for the rest of the process (it also stops the
+    threshold's rise). Returns whether it took effect: False off glibc (macOS, musl) and when the
+    user already chose one with `MALLOC_MMAP_THRESHOLD_`, which wins."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
