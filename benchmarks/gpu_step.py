@@ -308,27 +308,6 @@ def separate_rollouts(be) -> None:
     be.generate_paired = paired
 
 
-def backward_in_train_mode(trainer) -> None:
-    """Shim (on unless --no-backward-shim): run each backward with the model in train mode, as its
-    forward ran. The trainer scores in train mode and calls `be.eval()` before the backward; with
-    activation checkpointing the blocks' recompute then runs LoRA's dropout off while the forward ran
-    it on, and torch's checkpoint refuses the backward ("A different number of tensors was saved",
-    tests/test_memory.py::test_a_step_with_every_memory_saving_equals_one_without fails the same
-    way). The compute is the same either way; without the shim this harness measures nothing at all
-    until the trainer or `checkpoint_blocks` is fixed."""
-    be, real = trainer.backend, trainer.parallel.backward
-
-    def backward(loss, last):
-        mode = be.training
-        be.train()
-        try:
-            real(loss, last)
-        finally:
-            be.train(mode)
-
-    trainer.parallel.backward = backward
-
-
 def strip_lora(be) -> None:
     """Undo `add_lora` and `checkpoint_blocks`: the plain base model again, for the next variant."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -417,8 +396,6 @@ def run_training(variant: str, args, be, embedder, records, base_dir, counts, pe
         lr=1e-12, warmup_frac=0.0, tensorboard=False,
         save_merged=False, device=str(device), dtype=dtype_name, seed=args.seed))
     trainer = TarsTrainer(cfg, cfg.steps, backend=be, embedder=embedder)
-    if args.backward_shim:
-        backward_in_train_mode(trainer)
     if "separate_rollouts" in changes:
         separate_rollouts(be)
     counter = ScoreCounter(be)
@@ -557,8 +534,6 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], help="default bfloat16 (--tiny float32)")
     ap.add_argument("--embedder", default="auto", help="R_beh's model: auto | packaged | random | FOLDER (see make_embedder)")
     ap.add_argument("--via-folder", action="store_true", help="save the model and load it with load_backend")
-    ap.add_argument("--no-backward-shim", dest="backward_shim", action="store_false",
-                    help="run the trainer's backward as it is (see backward_in_train_mode)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: 1 with --tiny, else torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -603,7 +578,7 @@ def main() -> int:
               "model": "tiny" if args.tiny else args.llm, "llm_layers": len(be.decoder_layers()), "params": counts, "build_s": build_s,
               "via_folder": args.via_folder, "questions": args.questions, "rollouts_per_modality": args.rollouts,
               "new_tokens": args.new_tokens, "clip_s": args.clip_s, "prompt_tokens": lengths,
-              "variants": variants, "embedder": embedder_kind, "backward_shim": args.backward_shim, "torch": torch.__version__})
+              "variants": variants, "embedder": embedder_kind, "torch": torch.__version__})
         results, failed, longest, first = {}, False, 0.0, True
         for v in variants:
             elapsed = time.perf_counter() - t_start

@@ -10,6 +10,8 @@ Variants (each in a fresh process, one after the other, the same questions, roll
   text_first   + text's forward and backward before speech's forward (the default order)
   checkpoint   + activation_checkpointing=true (the 7B recipes' setting)
   release      + release_memory=true (freed memory back to the OS at once: tars/host_memory.py)
+  release_mb1  release_memory=true, one question per micro-batch, no checkpointing (prompts then
+               scored once per question: what checkpointing rules out)
 
 Per variant: one warm-up step, then --steps measured steps; the peak RSS of the process during the
 measured steps (a 1 ms sampler thread) and its rise over the process before them, the process's
@@ -41,6 +43,7 @@ VARIANTS = {
     "text_first": {},
     "checkpoint": {"activation_checkpointing": True},
     "release": {"activation_checkpointing": True, "release_memory": True},
+    "release_mb1": {"release_memory": True, "micro_batch_questions": 1},
 }
 
 
