@@ -150,7 +150,9 @@ def measure_step(be, params, rows: int, prompt: int, completion: int, modality: 
     adapters = be.adapters_for(modality) if hasattr(be, "adapters_for") else contextlib.nullcontext()
     be.train()
     with adapters, peak_live_bytes(be.device) as peak, SavedBytes(exclude) as saved:
-        sc = be.score(inp, comps, [0] * rows, layers, grad=True, entropy=True)
+        # One forward per row, as the plan models it: the path under checkpointed blocks, and an upper
+        # bound of the prompt-sharing one (which `score` would take here, every row sharing prompt 0).
+        sc = be.score(inp, comps, [0] * rows, layers, grad=True, entropy=True, share_prompt=False)
         (sc.logprobs * sc.mask).sum().backward()
     be.eval()
     return saved.total, peak["peak"]
@@ -161,7 +163,7 @@ def measure_forward(be, rows: int, prompt: int, modality: str = "text") -> int:
     inp, comps = _inputs(be, rows, prompt, 1, modality)
     layers = list(range(1, len(be.decoder_layers()) + 1))
     with peak_live_bytes(be.device) as peak:
-        be.score(inp, comps, [0] * rows, layers, grad=False)
+        be.score(inp, comps, [0] * rows, layers, grad=False, share_prompt=False)
     return peak["peak"]
 
 
