@@ -69,3 +69,29 @@ def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
     assert 0.0 <= lo <= 50.0 <= hi <= 100.0
     base_row = next(l for l in lines if l.startswith("| tars − base |"))
     assert "| 2 vs 1 | speech | 4 | +37.5 |" in base_row  # tars (1, 1, .5, 0) − base (1, 0, 0, 0)
+
+
+def test_layer_plot_waits_for_grpo_and_tars_then_runs_once(tmp_path, monkeypatch):
+    """The layer analysis itself is tested in test_layers.py; here, which models it gets and when."""
+    import tars.eval.layers as layers
+    from tars.experiment.mini_table import LAYER_QUESTIONS, layer_plot
+
+    calls = []
+
+    def fake_run_layers(models, data, out, limit, completion, progress, names):
+        calls.append((list(models), data, limit, completion, list(names)))
+        out.mkdir(parents=True)
+        (out / "layers.json").write_text("{}")
+
+    monkeypatch.setattr(layers, "run_layers", fake_run_layers)
+    for row in ("grpo", "tars_s1"):
+        (tmp_path / row).mkdir()
+        (tmp_path / row / "DONE").write_text("")
+    assert layer_plot(tmp_path, "mini:test", "mini:soft") is None  # seed 0 of TARS not finished
+    (tmp_path / "tars").mkdir()
+    assert layer_plot(tmp_path, "mini:test", "mini:soft") is None
+    (tmp_path / "tars" / "DONE").write_text("")
+    assert layer_plot(tmp_path, "mini:test", "mini:soft") == tmp_path / "layers"
+    assert layer_plot(tmp_path, "mini:test", "mini:soft") == tmp_path / "layers"
+    assert calls == [(["mini:soft", str(tmp_path / "grpo" / "model"), str(tmp_path / "tars" / "model")],
+                      "mini:test", LAYER_QUESTIONS, "gold", ["base", "grpo", "tars"])]

@@ -16,7 +16,9 @@ can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step w
 `runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
 LLM), CPU time; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
-bootstrap intervals (each question's correctness averaged over the seeds a row has).
+bootstrap intervals (each question's correctness averaged over the seeds a row has). Once base, GRPO
+and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
+which the report shows.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ ROWS = ("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
 TRAINED = ("sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
 #: The paired comparisons table.md states with intervals: (row, against).
 COMPARISONS = (("tars", "grpo"), ("tars", "base"))
+#: The rows whose speech-vs-text cosine per layer the table plots (seed 0), on the first
+#: LAYER_QUESTIONS held-out questions: enough for a curve (the per-token cosine is averaged over every
+#: token of every chain), a few CPU-minutes per model.
+LAYER_ROWS = ("base", "grpo", "tars")
+LAYER_QUESTIONS = 100
 
 
 def row_folder(row: str, seed: int) -> str:
@@ -66,8 +73,31 @@ def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS
     table = write_table(out)
     done = [f / "eval" for f in row_folders(out) if (f / "eval" / "metrics.json").exists()]
     runs = [f for r in TRAINED for f in row_folders(out, r) if (f / "metrics.jsonl").exists()]
-    build_report(done + runs, out / "report")
+    layers = layer_plot(out, str(heldout), base_model, progress)
+    build_report(done + runs + ([layers] if layers else []), out / "report")
     return table
+
+
+def layer_plot(out: Path, heldout: str, base_model: str, progress: bool = True) -> Path | None:
+    """The layer plot of base / GRPO / TARS (seed 0) once both trained rows are finished: each model
+    teacher-forced on the same gold chains of thought, so the curves differ only by the model. None
+    until then; computed once (`out/layers/layers.json`)."""
+    from tars.eval.layers import run_layers
+
+    folder = out / "layers"
+    if (folder / "layers.json").exists():
+        return folder
+    models = {}
+    for row in LAYER_ROWS:
+        if row == "base":
+            models[row] = base_model
+        elif (out / row / "DONE").exists():
+            models[row] = str(out / row / "model")
+        else:
+            return None
+    run_layers(list(models.values()), heldout, folder, limit=LAYER_QUESTIONS, completion="gold", progress=progress,
+               names=list(models))
+    return folder
 
 
 def row_minutes(folder: Path) -> float:
