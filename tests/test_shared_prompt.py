@@ -4,14 +4,11 @@ the automatic choice between the two paths."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
-from tars.data.schema import Record
 from tars.models.loading import load_backend
-from tiny_models import tiny_phi4_mm, tiny_qwen2_5_omni, tiny_qwen2_audio
+from tiny_models import tiny_phi4_mm, tiny_qwen2_5_omni, tiny_qwen2_audio, tone_records
 
 BUILDERS = {"qwen2_audio": tiny_qwen2_audio, "qwen2_5_omni": tiny_qwen2_5_omni,
             "phi4_mm": lambda path: tiny_phi4_mm(path, speech_lora=True)}
@@ -26,14 +23,7 @@ def setup(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     BUILDERS[request.param](d / "model")
     backend = load_backend(d / "model")
-    rng = np.random.default_rng(0)
-    for i, seconds in enumerate([0.35, 0.8, 0.55]):
-        t = np.arange(int(seconds * 16000)) / 16000
-        x = 0.2 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.02 * rng.standard_normal(len(t))
-        sf.write(str(d / f"a{i}.wav"), x.astype(np.float32), 16000)
-    questions = ["What is 2 plus 2?", "Which is bigger, 3 or 30? Think it through.", "Pick one."]
-    recs = [Record(id=f"q{i}", question=q, options=["3", "4", "5", "six"][: 3 + i % 2], answer="B",
-                   audio=f"a{i}.wav") for i, q in enumerate(questions)]
+    recs = tone_records(d, ["What is 2 plus 2?", "Which is bigger, 3 or 30? Think it through.", "Pick one."])
     torch.manual_seed(0)
     params = add_lora(backend, LoraSettings(r=4, dropout=0.0))
     with torch.no_grad():  # B starts at 0: give it values, so the LoRA changes the states and A gets a gradient

@@ -166,3 +166,20 @@ def tiny_phi4_mm(path: Path, seed: int = 0, speech_lora: bool = False) -> Path:
                     p.normal_(0.0, 0.2)
         peft_model.save_pretrained(str(Path(path) / "speech-lora"))
     return path
+
+
+def tone_records(folder: Path, questions: list[str], seconds=(0.35, 0.8, 0.55)) -> list:
+    """One short noisy tone per question (16 kHz wav files in `folder`, of different lengths so that a
+    batch is padded) and its Record: options A-C or A-D alternating, answer B."""
+    import numpy as np
+    import soundfile as sf
+
+    from tars.data.schema import Record
+
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(seconds):
+        t = np.arange(int(s * 16000)) / 16000
+        x = 0.2 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.02 * rng.standard_normal(len(t))
+        sf.write(str(folder / f"a{i}.wav"), x.astype(np.float32), 16000)
+    return [Record(id=f"q{i}", question=q, options=["3", "4", "5", "six"][: 3 + i % 2], answer="B",
+                   audio=f"a{i}.wav") for i, q in enumerate(questions)]
