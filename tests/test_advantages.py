@@ -84,3 +84,16 @@ def test_dtype_and_errors():
         group_advantages(REWARDS, QUESTION[:4], MODALITY)
     with pytest.raises(ValueError, match="modality must be 0"):
         group_advantages(REWARDS, QUESTION, MODALITY + 1)
+
+
+def test_within_group_spread_by_hand():
+    from tars.rl.advantages import within_group_spread
+
+    r = torch.tensor([[1.0, 3.0, 1.0, 3.0],   # population std 1
+                      [0.5, 0.5, 0.5, 0.5],   # 0
+                      [0.0, 4.0, 0.0, 0.0]])  # mean 1, deviations (−1, 3, −1, −1): std √3
+    assert within_group_spread(r) == pytest.approx((1 + 0 + 3 ** 0.5) / 3)
+    assert within_group_spread(r, torch.tensor([True, False, False])) == pytest.approx(1.0)
+    assert within_group_spread(r, torch.tensor([False, False, False])) == 0.0
+    with pytest.raises(ValueError):
+        within_group_spread(r.flatten())

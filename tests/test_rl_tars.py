@@ -16,6 +16,7 @@ from tars.config import validate
 from tars.data.sources import load_data
 from tars.errors import UserError
 from tars.rl import tars as tars_mod
+from tars.rl.advantages import within_group_spread
 from tars.rl.tars import (TarsConfig, TarsTrainer, compose_rewards, load_adapter, modality_advantages, run)
 from tiny_models import tiny_qwen2_audio
 
@@ -66,7 +67,8 @@ def lora_of(folder):
 KEYS = {"step", "epoch", "loss", "grad_norm", "lr", "speech/reward", "speech/base", "speech/acc", "speech/format",
         "speech/rep", "speech/beh", "text/reward", "text/base", "text/acc", "text/format", "text/align", "gap",
         "no_reference", "clip_fraction", "speech/length", "text/length", "truncated", "time/generate",
-        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy", "sampler/kl"}
+        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy", "sampler/kl",
+        "speech/rep_spread", "speech/beh_spread"}
 
 
 @needs_espeak
@@ -141,11 +143,16 @@ def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path
 
     tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2")
     calls = spy_scores(tr.backend, monkeypatch)
-    tr.step(batch, base_dir, 0)
+    row = tr.step(batch, base_dir, 0)
     assert [(c["layers"], c["modality"]) for c in calls] == [([3, 4], "text"), ([3, 4], "speech")]
     rec = tr.last
     assert rec.rep.any() and rec.beh.any()  # some text rollout was right, so references existed
     torch.testing.assert_close(rec.speech_reward, rec.speech_base + rec.rep + rec.beh)
+    # The spreads are over the questions with a reference (a correct text rollout: R_acc 1, so base ≥ 1).
+    has_ref = (rec.text_base >= 1).any(1)
+    assert row["speech/rep_spread"] == pytest.approx(within_group_spread(rec.rep, has_ref))
+    assert row["speech/beh_spread"] == pytest.approx(within_group_spread(rec.beh, has_ref))
+    assert row["speech/beh_spread"] > 0  # the completions differ, so do their embeddings
     # The single-term ablations ask for exactly their own term's inputs.
     for method, layers, embeds in (("grpo_rep", [1, 2, 3, 4], False), ("grpo_beh", [], True)):
         tr, _, _ = trainer(tiny, tmp_path, method=method)

@@ -22,13 +22,16 @@ from tars.errors import UserError
 CURVES = {
     "accuracy": ["speech/acc", "text/acc"],
     "rewards": ["speech/base", "speech/rep", "speech/beh", "text/base"],
+    "alignment spread": ["speech/rep_spread", "speech/beh_spread"],
 }
 #: Each panel's y axis: the step's sampled rollouts, not the greedy evaluation of the results table.
-YLABELS = {"accuracy": "share of rollouts correct (0–1)", "rewards": "mean reward per rollout"}
+YLABELS = {"accuracy": "share of rollouts correct (0–1)", "rewards": "mean reward per rollout",
+           "alignment spread": "std within a question's speech rollouts"}
 #: Under every training figure: a reader compares its accuracy with the table's and should not.
 TRAINING_NOTE = ("Per step, over that step's sampled rollouts (at the run's temperature): the share that chose "
                  "the right option, and each reward's mean (base = R_acc + λ·R_fmt; rep, beh: the alignment "
-                 "rewards of speech rollouts). The results table above is greedy decoding, in %.")
+                 "rewards of speech rollouts; their spread: the std of each within a question's speech rollouts, "
+                 "the part that can move an advantage). The results table above is greedy decoding, in %.")
 
 
 def results_table(evals: dict[str, dict]) -> list[str]:
@@ -104,7 +107,8 @@ def _smooth(ys: list[float], k: int) -> list[float]:
 
 
 def plot_training(rows: list[dict], title: str) -> bytes:
-    """Two panels (accuracy per modality; reward components), a running mean over ~5 % of the steps."""
+    """One panel per entry of CURVES (accuracy per modality; reward components; the alignment rewards'
+    spread within a group), a running mean over ~5 % of the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +116,7 @@ def plot_training(rows: list[dict], title: str) -> bytes:
 
     steps = [r["step"] for r in rows]
     k = max(1, len(rows) // 20)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=120)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6), dpi=120)
     for ax, (panel, keys) in zip(axes, CURVES.items()):
         for key in keys:
             ys = [r[key] for r in rows if key in r]

@@ -68,3 +68,20 @@ def group_advantages(
         var = torch.zeros_like(count).index_add_(0, group, centred**2) / (count - 1).clamp(min=1)
         centred = centred / (var.sqrt()[group] + eps)
     return torch.where(flat, torch.zeros_like(centred), centred).to(out_dtype)
+
+
+def within_group_spread(rewards: Tensor, groups: Tensor | None = None) -> float:
+    """The mean over groups of the population std of a reward within its group: `rewards` [Q, G], one
+    row per question's group (e.g. R_rep of its G speech rollouts); `groups` [Q] bool picks the rows
+    counted (default all). 0.0 when none is picked.
+
+    Only the part of a reward that differs between a group's rollouts reaches the advantage (a
+    per-question constant cancels in `r − mean(r)`), so this, not the reward's mean, says how much an
+    alignment reward can steer: beside R_base's 0 / 1 + λ·R_fmt spread, an R_rep of 0.99 ± 0.002 is a
+    near-constant. Population std (divide by G): the spread the centred advantages actually have."""
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [groups, rollouts], got {tuple(rewards.shape)}")
+    rows = rewards if groups is None else rewards[groups]
+    if rows.numel() == 0:
+        return 0.0
+    return float(rows.double().std(1, correction=0).mean())

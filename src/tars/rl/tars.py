@@ -86,7 +86,7 @@ from tars.rewards.accuracy import accuracy_reward
 from tars.rewards.alignment import (SentenceEmbedder, alignment_rewards, resolve_embedder, select_layers,
                                     text_alignment_reward)
 from tars.rewards.format import format_score
-from tars.rl.advantages import SPEECH, TEXT, group_advantages
+from tars.rl.advantages import SPEECH, TEXT, group_advantages, within_group_spread
 from tars.rl.distributed import Group
 from tars.rl.imitation import dpo_loss, dpo_pairs, sequence_logprob, sft_loss, sft_targets
 from tars.rl.losses import clipped_surrogate, kl_penalty, loss_normalizer
@@ -717,6 +717,10 @@ class TarsTrainer:
         extra = {
             "loss": loss_total, "grad_norm": grad_norm,
             "speech/reward": reward_s.mean().item(), "speech/rep": rep.mean().item(), "speech/beh": beh.mean().item(),
+            # What of R_rep / R_beh can move an advantage: their spread within a question's speech rollouts,
+            # over the questions that had a correct text reference (elsewhere both are 0 by rule).
+            "speech/rep_spread": within_group_spread(rep, no_reference == 0),
+            "speech/beh_spread": within_group_spread(beh, no_reference == 0),
             "text/reward": reward_t.mean().item(), "text/align": term_t.mean().item(),
             "no_reference": no_reference.mean().item(),
             "clip_fraction": clipped / max(kept_tokens, 1.0),
