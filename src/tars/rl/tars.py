@@ -191,9 +191,9 @@ class TarsConfig(Config):
     #: activations instead of every block's. On in the 7B recipes.
     activation_checkpointing: bool = False
     #: CPU: hand freed activation memory back to the operating system at once (tars/host_memory.py:
-    #: glibc's mmap threshold fixed at 1 MiB), so the process's RSS follows the tensors it holds —
-    #: with checkpointing, a fifth of what glibc's heap otherwise keeps — for ~20–30 % more step time
-    #: in page faults. Process-wide from the trainer's start. On in `tars demo`.
+    #: glibc's mmap threshold fixed at 1 MiB), so the process's RSS follows the tensors it holds — a
+    #: checkpointed mini step peaked at 1.9 GB instead of 6.1 — for ~40 % more step time in page
+    #: faults. Process-wide from the trainer's start. On in `tars demo`.
     release_memory: bool = False
     #: The rollouts' KV cache: dynamic (rows that stop leave the batch) or static (preallocated for
     #: prompt + max_new_tokens, every row to the end: one shape per step, what `compile_decode` needs).
