@@ -21,7 +21,7 @@ app = typer.Typer(
     help=(
         "Measure and close the modality reasoning gap of Speech LLMs (TARS). "
         "Start with `tars demo`: the whole workflow on the bundled mini model (eval from speech and text, "
-        "a short TARS run, eval again, layer analysis, report) in ~10 minutes on a CPU. Then `tars train "
+        "a short TARS run, eval again, layer analysis, report) in ~13–15 minutes on a CPU. Then `tars train "
         "--config configs/mini.yaml`, or a 7B recipe in configs/."
     ),
     no_args_is_help=True,
