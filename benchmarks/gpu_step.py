@@ -432,7 +432,7 @@ def run_hf_generate(args, be, records, base_dir, device) -> dict:
     """Rollouts alone: `generate_paired` vs HF `generate` on the same prompts, LoRA attached as in training."""
     import torch
 
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     add_lora(be, LoraSettings(r=8, alpha=32.0, dropout=0.05))
     be.eval()

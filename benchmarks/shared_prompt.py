@@ -46,7 +46,7 @@ def one_variant(args) -> None:
     from mini_backend import PeakRSS
     from tars.data.sources import DataConfig, load_data
     from tars.models.loading import load_backend
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     torch.set_num_threads(args.threads)
     be = load_backend(args.model)

@@ -80,7 +80,7 @@ def _score(be, recs, grad=True):
 
 def test_activation_checkpointing_keeps_less_and_scores_and_grads_the_same(tiny):
     from tars.data.schema import Record
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     recs = [Record(id="a", question="What is 2 plus 2 plus 2?", options=["3", "6"], answer="B"),
             Record(id="b", question="Two?", options=["1", "2"], answer="B")]
@@ -162,7 +162,7 @@ def test_lora_runs_in_the_models_dtype_with_float32_master_weights(tiny):
     copy per adapted layer); the LoRA parameters stay float32 and get float32 gradients as close to a
     float32 run's as peft's float32 adapter path gets."""
     from tars.data.schema import Record
-    from tars.rl.tars import LoraSettings, _tuner_layers, add_lora
+    from tars.models.lora import LoraSettings, _tuner_layers, add_lora
 
     recs = [Record(id="a", question="What is 2 plus 2 plus 2?", options=["3", "6"], answer="B")]
     grads, big_fp32 = {}, {}

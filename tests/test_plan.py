@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
                          ids=["qwen2_audio", "omni_full", "omni_thinker", "phi4_speech_lora"])
 def test_parameter_counts_on_meta_equal_the_loaded_model(builder, kw, tmp_path):
     from tars.models.loading import load_backend
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     folder = builder(tmp_path / "model", **kw)
     lora = LoraSettings(r=4)
@@ -88,7 +88,7 @@ def test_calibration_predicts_saved_bytes_and_peak_of_a_deeper_model(tiny):
     from tars.models.loading import load_backend
     from tars.plan import calibrate as cal
     from tars.plan.memory import modality_peak
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     lora = LoraSettings(r=4)
     arch = load_architecture(str(tiny), lora)

@@ -18,7 +18,7 @@ PROMPT_INDEX = [0, 1, 0, 2, 1, 0, 1]
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def setup(request, tmp_path_factory):
-    from tars.rl.tars import LoraSettings, add_lora
+    from tars.models.lora import LoraSettings, add_lora
 
     d = tmp_path_factory.mktemp(request.param)
     BUILDERS[request.param](d / "model")

@@ -130,7 +130,7 @@ def _config_from_dict(model_type: str, data: dict):
 def load_architecture(model: str, lora=None, where: str = "config: model") -> Architecture:
     """The architecture of `model` (a folder, `mini:NAME`, or a hub id) with `lora` (LoraSettings; None =
     tars's defaults) counted on its decoder blocks."""
-    from tars.rl.tars import LoraSettings
+    from tars.models.lora import LoraSettings
 
     lora = lora or LoraSettings()
     folder = _folder_of(model)

@@ -260,7 +260,7 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device | str
 def reduced_backend(arch: Architecture, depth: int, dtype: torch.dtype, lora, workdir: Path,
                     device: torch.device | str = "cpu"):
     """The backend of `arch` at `depth` blocks, with tars's trainable LoRA (and Phi-4's speech LoRA)."""
-    from tars.rl.tars import add_lora
+    from tars.models.lora import add_lora
 
     model = materialize(build_meta(arch.model_type, reduced_config(arch, depth)), dtype, device)
     if arch.model_type == "qwen2_audio":
@@ -406,7 +406,7 @@ OVERHEAD_NOTE = ("CUDA context + cuBLAS / NCCL workspaces: an allowance, not a m
 def published_targets():
     """The three architectures the 7B recipes name, with the recipes' dtype and LoRA."""
     from tars.plan.architecture import CLASSES, load_architecture, published
-    from tars.rl.tars import LoraSettings
+    from tars.models.lora import LoraSettings
 
     return [(load_architecture(name), "bfloat16", LoraSettings()) for name, e in published().items()
             if e["model_type"] in CLASSES]

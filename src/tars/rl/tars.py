@@ -54,13 +54,11 @@ tabled in docs/fidelity.md.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import math
 import random
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -73,7 +71,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from tars.atomic import atomic_dir, atomic_write_bytes, atomic_write_text
+from tars.atomic import atomic_write_bytes, atomic_write_text
 from tars.config import Config, save_config
 from tars.data.schema import Record
 from tars.data.sources import DataConfig, check_data, load_data
@@ -81,6 +79,7 @@ from tars.errors import UserError
 from tars.host_memory import release_freed_memory
 from tars.metrics_log import MetricsLog
 from tars.models.backend import DecodeOptions
+from tars.models.lora import LoraSettings, adapters_disabled, add_lora, load_adapter, merge_lora, save_adapter
 from tars.paths import resolve
 from tars.rewards.accuracy import accuracy_reward
 from tars.rewards.alignment import (SentenceEmbedder, alignment_rewards, resolve_embedder, select_layers,
@@ -100,21 +99,6 @@ IMITATION = ("sft", "dpo")
 #: Methods whose speech reward has the representation / behaviour alignment term.
 USES_REP = ("tars", "grpo_rep")
 USES_BEH = ("tars", "grpo_beh")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "tars_adapter.json"
-
-
-class LoraSettings(Config):
-    """LoRA on the LLM's linear layers (paper: r 8, α 32, dropout 0.05, all attention and MLP
-    projections). `target_modules` are module names matched against the decoder blocks' linear layers;
-    names a model lacks are ignored, so one list serves Qwen (q/k/v/o, gate/up/down) and Phi-4 (fused
-    `qkv_proj`, `gate_up_proj`)."""
-
-    r: int = Field(8, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                 "qkv_proj", "gate_up_proj"]
 
 
 class TarsConfig(Config):
@@ -233,138 +217,6 @@ class TarsConfig(Config):
         if self.compile_decode and self.decode_cache != "static":
             raise ValueError("compile_decode needs decode_cache=static (a dynamic cache changes shape every step)")
         return self
-
-
-# ---- LoRA on the LLM --------------------------------------------------------------------------------
-_LORA_PARAM = re.compile(r"(.+)\.lora_([AB])\.default\.weight")
-
-
-def lora_targets(backend, names: Sequence[str]) -> list[str]:
-    """Decoder-relative names of the linear layers inside the decoder blocks whose own name is in
-    `names`: only the LLM's blocks, never an encoder or vision tower a decoder module may also hold."""
-    in_blocks = {id(m) for m in backend.decoder_layers().modules()}
-    wanted = set(names)
-    return [n for n, m in backend.decoder().named_modules()
-            if id(m) in in_blocks and isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
-
-
-def add_lora(backend, lora: LoraSettings, targets: Sequence[str] | None = None) -> dict[str, torch.nn.Parameter]:
-    """Freeze the whole model and inject trainable LoRA layers (peft) into the decoder, in place, so
-    `backend.decoder()` and `lm_head()` keep working unchanged. Returns the LoRA parameters by their
-    adapter-free names (`layers.0.self_attn.q_proj.lora_A.weight`), kept in float32 whatever the
-    model's dtype (Adam on bf16 weights loses the small updates)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import inject_adapter_in_model
-
-    for p in backend.parameters():
-        p.requires_grad_(False)
-    targets = list(targets) if targets is not None else lora_targets(backend, lora.target_modules)
-    if not targets:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in backend.decoder_layers().named_modules()
-                         if isinstance(m, torch.nn.Linear)})
-        raise UserError(f"lora.target_modules {lora.target_modules} match no linear layer of the decoder "
-                        f"blocks (they have: {', '.join(linear)})")
-    inject_adapter_in_model(PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                           target_modules=targets), backend.decoder())
-    params = lora_parameters(backend)
-    for p in params.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    # peft casts each adapted layer's INPUT to the adapter's dtype: under a bf16 model that is a float32
-    # copy of every [tokens × hidden] activation entering q/k/v/o/gate/up/down, kept for the backward.
-    # Instead the adapter's small weights are cast to the activations' dtype in each matmul; the
-    # float32 parameters stay the optimizer's master weights (the cast's backward hands them float32
-    # gradients, accumulated in float32 across micro-batches). A float32 model is unchanged.
-    for module in _tuner_layers(backend):
-        module.cast_input_dtype_enabled = False
-        for linear in (*module.lora_A.values(), *module.lora_B.values()):
-            linear.forward = functools.partial(_linear_in_input_dtype, linear)
-    return params
-
-
-def _linear_in_input_dtype(linear: torch.nn.Linear, x: Tensor) -> Tensor:
-    weight = linear.weight if linear.weight.dtype == x.dtype else linear.weight.to(x.dtype)
-    bias = None if linear.bias is None else linear.bias.to(x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-def lora_parameters(backend) -> dict[str, torch.nn.Parameter]:
-    out = {}
-    for name, p in backend.decoder().named_parameters():
-        m = _LORA_PARAM.fullmatch(name)
-        if m:
-            out[f"{m.group(1)}.lora_{m.group(2)}.weight"] = p
-    return out
-
-
-def _tuner_layers(backend) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in backend.decoder().modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextmanager
-def adapters_disabled(backend) -> Iterator[None]:
-    """The base model without its LoRA (β > 0's reference policy): toggled in place, no second copy.
-    peft's toggle also flips `requires_grad`, so use it only around no-grad forwards."""
-    layers = _tuner_layers(backend)
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-
-
-def merge_lora(backend) -> None:
-    """Fold the LoRA into the linear weights and restore the plain modules: the model then saves,
-    loads and runs like any checkpoint of its architecture (`tars eval --model out/model`)."""
-    dec = backend.decoder()
-    tuners = {id(m) for m in _tuner_layers(backend)}
-    for name, module in [(n, m) for n, m in dec.named_modules() if id(m) in tuners]:
-        module.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(dec.get_submodule(parent) if parent else dec, child, module.get_base_layer())
-    dec.__dict__.pop("peft_config", None)
-
-
-def save_adapter(backend, folder: Path, cfg: TarsConfig, steps: int) -> None:
-    """The LoRA weights (safetensors, decoder-relative names) and a small json naming the base model."""
-    from safetensors.torch import save_file
-
-    params = lora_parameters(backend)
-    targets = sorted({k.rsplit(".lora_", 1)[0] for k in params})
-    meta = {"format": "tars-lora", "base_model": cfg.model, "base_model_path": str(resolve(cfg.model).resolve()),
-            "r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout, "target_modules": targets,
-            "method": cfg.method, "steps": steps}
-    with atomic_dir(folder) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / ADAPTER_WEIGHTS))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The base model named by `folder`'s json with the trained LoRA attached (unmerged)."""
-    from safetensors.torch import load_file
-
-    from tars.models.loading import load_backend
-
-    folder = Path(folder)
-    meta_file = folder / ADAPTER_CONFIG
-    if not meta_file.exists():
-        raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected the `adapter` folder of a tars RL run)")
-    meta = json.loads(meta_file.read_text())
-    base = Path(meta["base_model_path"])
-    backend = load_backend(base if base.exists() else meta["base_model"], device=device, dtype=dtype)
-    lora = LoraSettings(r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"])
-    params = add_lora(backend, lora, meta["target_modules"])
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
-    if set(state) != set(params):
-        raise UserError(f"{folder}: adapter weights do not match the base model's layers")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state[k])
-    return backend.eval()
 
 
 # ---- rewards and advantages of a step, as pure functions ---------------------------------------------
@@ -962,7 +814,7 @@ def run(cfg: TarsConfig, progress: bool = True) -> Path:
         log.close()
     backend.eval()
     if group.main:
-        save_adapter(backend, out / "adapter", cfg, total)
+        save_adapter(backend, out / "adapter", cfg.model, cfg.lora, total, cfg.method)
         if cfg.save_merged:
             if trainer.parallel.name == "fsdp":
                 # This process holds only its shard of the blocks: merge into a whole copy instead.

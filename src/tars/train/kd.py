@@ -42,7 +42,7 @@ from tars.data.schema import Record
 from tars.data.sources import DataConfig, load_data
 from tars.errors import UserError
 from tars.train.checkpoint import finish_stage, open_stage, resume, save_checkpoint, warmup_cosine
-from tars.rl.tars import LoraSettings, adapters_disabled, add_lora, merge_lora
+from tars.models.lora import LoraSettings, adapters_disabled, add_lora, merge_lora
 from tars.train.supervised import sft_target
 
 
