@@ -1,5 +1,5 @@
 """End to end on the real mini model: build → short SFT → short alignment (both designs) → eval on 20 items;
-and `tars demo` on the shipped pack.
+and `tars demo` on the shipped packs and adapter.
 
 Marked `slow` (several minutes on 2 cores): run with `pytest -m slow`.
 """
@@ -61,8 +61,9 @@ def test_build_train_align_eval(tmp_path):
     assert 0.0 <= d["speech"]["accuracy"] <= 100.0 and "gap" in d
 
 
-def test_demo_on_the_shipped_pack(tmp_path):
-    """`tars demo` itself, small: the shipped pack unpacked onto a fresh build, 4 questions, 1 step."""
+def test_demo_on_the_shipped_packs_and_adapter(tmp_path):
+    """`tars demo` itself, small: the shipped packs unpacked onto a fresh build, the shipped adapter
+    copied, 4 questions, 1 live step."""
     out = tmp_path / "demo"
     r = run_cli("demo", f"out={out}", "questions=4", "steps=1", "questions_per_step=1", "rollouts=2",
                 "max_new_tokens=48", "eval_max_new_tokens=64")
@@ -70,11 +71,14 @@ def test_demo_on_the_shipped_pack(tmp_path):
     assert "done:" in r.stdout and str(out / "report" / "report.md") in r.stdout
     for png in ("training_tars.png", "layers_layers.png"):
         assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    before = json.loads((out / "before" / "metrics.json").read_text())["datasets"]["heldout"]
-    assert before["speech"]["n"] == 4 and before["text"]["n"] == 4
+    for folder in ("base", "tars_adapter"):
+        d = json.loads((out / folder / "metrics.json").read_text())["datasets"]["heldout"]
+        assert d["speech"]["n"] == 4 and d["text"]["n"] == 4
     import os
 
-    assert (Path(os.environ["TARS_HOME"]) / "mini" / "demo" / "PACK").exists()  # unpacked once, stamped
+    home = Path(os.environ["TARS_HOME"]) / "mini"
+    assert (home / "demo" / "PACK").exists() and (home / "soft" / "PACK").exists()  # unpacked once, stamped
+    assert (home / "soft-tars" / "SHIPPED").exists()
 
 
 def test_training_is_reproducible_whatever_the_caches_hold(tmp_path):

@@ -17,7 +17,8 @@ from tars.data.sources import load_data
 from tars.errors import UserError
 from tars.rl import tars as tars_mod
 from tars.rl.advantages import within_group_spread
-from tars.rl.tars import (TarsConfig, TarsTrainer, compose_rewards, load_adapter, modality_advantages, run)
+from tars.models.lora import load_adapter
+from tars.rl.tars import TarsConfig, TarsTrainer, compose_rewards, modality_advantages, run
 from tiny_models import tiny_qwen2_audio
 
 DATA = {"families": ["facts", "comparison"], "n": 4, "seed": 5}
@@ -115,6 +116,12 @@ def test_tars_run_trains_the_lora_only_and_saves_adapter_and_merged_model(tiny, 
     la = a.score(a.build_inputs(records[:1], "speech", base_dir), ids, [0]).logprobs
     lm = m.score(m.build_inputs(records[:1], "speech", base_dir), ids, [0]).logprobs
     torch.testing.assert_close(la, lm, atol=1e-5, rtol=0)
+    # ... and so does the adapter folder given where a model folder goes (`tars eval --model run/adapter`):
+    # the base model with the LoRA merged, no peft layer left.
+    f = load_backend(tmp_path / "run" / "adapter")
+    assert not any("lora" in n for n, _ in f.decoder().named_parameters())
+    lf = f.score(f.build_inputs(records[:1], "speech", base_dir), ids, [0]).logprobs
+    torch.testing.assert_close(lf, lm, atol=1e-5, rtol=0)
 
 
 def spy_scores(backend, monkeypatch):

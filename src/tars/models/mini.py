@@ -78,8 +78,8 @@ def build_mini(out: Path | None = None, force: bool = False, stack: int = DEFAUL
 
 #: The stages shipped as packs (src/tars/assets/): name → (pack file, the stage it unpacks onto).
 #: `demo`: the CTC-aligned model (text SFT a1/a2 + CTC projector b3) against the PyPI build;
-#: `soft`: the KD-aligned soft CTC projector (train/kd.py) against `demo` — its LLM is demo's, so
-#: the pack holds the projector only.
+#: `soft`: the KD-aligned soft CTC projector and the speech LoRA merged into the LLM (train/kd.py)
+#: against `demo` — the pack holds the projector and the LLM's rank-8 update.
 SHIPPED_STAGES = {"demo": ("mini_demo.safetensors", "base"), "soft": ("mini_soft.safetensors", "demo")}
 
 
@@ -111,3 +111,56 @@ def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
 def demo_stage(pack: Path | None = None, log=print) -> Path:
     """`mini:demo`: the aligned mini model (`shipped_stage("demo")`)."""
     return shipped_stage("demo", pack, log)
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: LoRA adapters shipped with tars (src/tars/assets/FOLDER: `tars_adapter.json` + its weights):
+#: `mini:NAME` → the adapter, which any command loads as its base stage with the LoRA merged
+#: (models/lora.py). `soft-tars`: the TARS row (seed 0) of the mini table on `mini:soft`; the json
+#: says how it was trained, docs/results.md what it measured.
+SHIPPED_ADAPTERS = {"soft-tars": "mini_soft_tars"}
+
+
+def shipped_adapter(name: str, log=print) -> Path:
+    """`mini:NAME` for a shipped adapter: its folder copied under $TARS_HOME (again when tars ships
+    another), with its base stage unpacked, so it loads like any other adapter folder."""
+    import hashlib
+    import shutil
+
+    from tars.atomic import atomic_dir, atomic_write_text
+    from tars.errors import UserError
+    from tars.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    src = ASSETS / SHIPPED_ADAPTERS[name]
+    out = mini_dir(name)
+    files = [src / ADAPTER_CONFIG, src / ADAPTER_WEIGHTS]
+    if not all(f.exists() for f in files):
+        raise UserError(f"{src}: the shipped adapter mini:{name} is missing from this tars installation "
+                        f"(expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    stamp = out / "SHIPPED"
+    if not (stamp.exists() and stamp.read_text().strip() == digest):
+        log(f"copying the shipped adapter {src.name} → {out}")
+        with atomic_dir(out) as tmp:
+            for f in files:
+                shutil.copyfile(f, tmp / f.name)
+        atomic_write_text(stamp, digest + "\n")
+    import json
+
+    base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model"]
+    if base.startswith("mini:") and base[len("mini:"):] in SHIPPED_STAGES:
+        shipped_stage(base[len("mini:"):], log=log)
+    return out
+
+
+def shipped_model(spec: str, log=print) -> Path:
+    """The folder of `spec`, made first when it names a shipped stage or adapter (`mini:soft`,
+    `mini:soft-tars`) — what `tars demo` calls so its log says when the unpacking happens."""
+    from tars.paths import resolve
+
+    name = spec[len("mini:"):] if spec.startswith("mini:") else None
+    if name in SHIPPED_STAGES:
+        return shipped_stage(name, log=log)
+    if name in SHIPPED_ADAPTERS:
+        return shipped_adapter(name, log=log)
+    return resolve(spec)
