@@ -509,6 +509,35 @@ def analyze_layers(
     typer.echo(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
 
 
+@analyze_app.command("rewards")
+def analyze_rewards(
+    model: str = typer.Option(..., "--model", help="Model folder, mini:NAME or an adapter folder."),
+    data: str = typer.Option(..., "--data", help="Training questions (JSONL / manifest, mini:rl_train): never "
+                                                 "the held-out set you report."),
+    out: Path = typer.Option(..., "--out", help="Output folder: groups.jsonl, reward_signal.json / .md."),
+    questions: int = typer.Option(16, help="Questions analysed."),
+    start: int = typer.Option(0, help="Skip the first N questions (e.g. those a run's first steps used)."),
+    rollouts: int = typer.Option(4, help="Speech and text rollouts per question (G)."),
+    max_new_tokens: int = typer.Option(160, help="Rollout length limit."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    seed: int = typer.Option(0, help="Sampling and reference-choice seed."),
+) -> None:
+    """How much each reward can steer GRPO: its spread within a question's group, and whether it points
+    the way correctness does.
+
+    Samples speech and text rollouts per question, computes R_acc, R_fmt, R_beh and R_rep under every
+    pooling (mean, last) × layer set (all, shallow, middle, deep, last), and reports each one's mean,
+    within-group spread and within-group correlation with R_acc. A reward with no spread cancels in the
+    advantage whatever its weight. Resumes after a kill.
+    """
+    from tars.eval.reward_signal import run_reward_signal
+
+    res = run_reward_signal(model, data, out, questions, start, rollouts, max_new_tokens, temperature, seed)
+    typer.echo((out / "reward_signal.md").read_text().rstrip())
+    if not res["rewards"]:
+        typer.echo("no question had a correct text rollout: no alignment reward to measure")
+
+
 @app.command("report")
 def report_cmd(
     folders: list[Path] = typer.Argument(..., help="Eval folders (metrics.json), training runs (metrics.jsonl), "
