@@ -20,4 +20,11 @@ $T --rows tars --seeds 1
 $T --rows grpo --seeds 1
 $T --rows sft --seeds 0
 $T --rows dpo --seeds 0
+# A pre-registered extra row (docs/results.md, "Does R_rep point the right way?"), fixed before any of
+# its results from `tars analyze rewards` on training questions only: TARS with w_rep = 20, so that
+# R_rep's within-group spread (0.0033) matches R_beh's (0.0725) — the paper's layers and pooling kept.
+X=runs/soft_table/tars_wrep20
+.venv/bin/tars train --config configs/mini_soft.yaml w_rep=20 out=$X
+[ -f $X/eval/metrics.json ] || .venv/bin/tars eval --model $X/model --data mini:test --out $X/eval
+.venv/bin/tars report runs/soft_table/grpo/eval $X/eval runs/soft_table/tars/eval --out runs/soft_table/report_wrep20
 echo ALLDONE

@@ -90,6 +90,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     for name, path in (("model", model), ("adapter", adapter)):
         if path is not None and not Path(path).exists():
             raise UserError(f"{name}={getattr(cfg, name)}: {path} not found")
+    if adapter:
+        log(adapter_line(cfg.adapter, Path(adapter)))
     save_config(cfg, out, "demo.yaml")
     if cfg.low_memory:
         release_freed_memory()
@@ -133,6 +135,19 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     log(summary(out / "base", before, out / "tars_adapter" if after else None, after))
     step_log(f"done: {report} (and report.html beside it)")
     return report
+
+
+def adapter_line(name: str, folder: Path) -> str:
+    """What the adapter is, from its json: method, steps and, for a shipped one, the command that made it."""
+    from tars.models.lora import ADAPTER_CONFIG
+
+    try:
+        meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"  {name}: {folder}"
+    made = meta.get("provenance", {}).get("command")
+    return (f"  {name}: {meta.get('method', '?')} LoRA (r {meta.get('r', '?')}), {meta.get('steps', '?')} steps on "
+            f"{meta.get('base_model', '?')}" + (f"; made by `{made}`" if made else ""))
 
 
 class _Clock:
