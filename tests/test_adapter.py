@@ -92,7 +92,7 @@ def test_the_adapter_shipped_with_tars_is_complete():
         meta = json.loads((mini.ASSETS / folder / ADAPTER_CONFIG).read_text())
         assert meta["format"] == "tars-lora" and "base_model_path" not in meta
         assert meta["base_model"][len("mini:"):] in mini.SHIPPED_STAGES
-        assert {"command", "config", "tars_commit"} <= set(meta["provenance"])
+        assert {"command", "config", "tars_commit_at_export"} <= set(meta["provenance"])
         from safetensors.torch import load_file
 
         weights = load_file(str(mini.ASSETS / folder / ADAPTER_WEIGHTS))

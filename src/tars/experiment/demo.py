@@ -83,6 +83,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
             k = changed[0]
             raise UserError(f"{out} holds a demo made with {k}={getattr(old, k)} (now {getattr(cfg, k)}); "
                             "pass another out=, or remove that folder")
+    if cfg.low_memory:  # from the start: unpacking the stages peaks too
+        release_freed_memory()
     step_log = _Clock(log)
     step_log("the model" + (" and the shipped adapter" if cfg.adapter else ""))
     model = str(shipped_model(cfg.model, log))  # before anything is written: a wrong name writes nothing
@@ -93,8 +95,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, progress: bool
     if adapter:
         log(adapter_line(cfg.adapter, Path(adapter)))
     save_config(cfg, out, "demo.yaml")
-    if cfg.low_memory:
-        release_freed_memory()
 
     step_log("questions")
     heldout, questions = demo_questions(cfg.questions, cfg.steps * cfg.questions_per_step)

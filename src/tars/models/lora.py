@@ -194,9 +194,9 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: 
 
 def export_adapter(run: str | Path, out: str | Path, command: str) -> Path:
     """An RL run's adapter as a self-contained folder to ship or share: the base model by its given
-    name only (the resolved path was this machine's), and in `provenance` how it was made — the command,
-    the run's whole config, the tars commit and, when the run was evaluated (`RUN/eval`, the mini
-    table's layout), what it measured."""
+    name only (the resolved path was this machine's), and in `provenance` how it was made: the command,
+    the run's whole config, the tars commit at export (the run may have begun at an earlier one) and,
+    when the run was evaluated (`RUN/eval`, the mini table's layout), what it measured."""
     import shutil
     import subprocess
 
@@ -215,7 +215,7 @@ def export_adapter(run: str | Path, out: str | Path, command: str) -> Path:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown (not a git checkout)"
     config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else None
-    meta["provenance"] = {"command": command, "config": config, "tars_commit": commit}
+    meta["provenance"] = {"command": command, "config": config, "tars_commit_at_export": commit}
     if (run / "eval" / "metrics.json").exists():
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         meta["provenance"]["evaluation"] = {"datasets": {d: {m: {"accuracy": v["accuracy"], "n": v["n"]}
