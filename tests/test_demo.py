@@ -11,7 +11,7 @@ import tars.experiment.demo as demo
 from conftest import needs_espeak, run_cli
 from tars.config import validate
 from tars.data.jsonl import read_records
-from tiny_models import tiny_qwen2_audio
+from tiny_models import tiny_adapter, tiny_qwen2_audio
 
 
 def test_demo_questions_are_the_docs_sets_and_disjoint():
@@ -23,28 +23,11 @@ def test_demo_questions_are_the_docs_sets_and_disjoint():
     assert [r.id for r in again] == [r.id for r in heldout[:5]]
 
 
-def tiny_adapter(base, folder):
-    """An adapter of `base` that changes it (B ≠ 0), as a finished RL run would leave."""
-    import torch
-
-    from tars.models.loading import load_backend
-    from tars.models.lora import LoraSettings, add_lora, save_adapter
-
-    be = load_backend(base)
-    params = add_lora(be, LoraSettings(r=2, alpha=4, dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for k, p in params.items():
-            if k.endswith("lora_B.weight"):
-                p.normal_(0, 0.05)
-    save_adapter(be, folder, str(base), LoraSettings(r=2, alpha=4, dropout=0.0), steps=1, method="tars")
-    return folder
-
-
 @needs_espeak
 def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     model = tiny_qwen2_audio(tmp_path / "tiny", window_s=20.0)
-    adapter = tiny_adapter(model, tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    tiny_adapter(model, adapter, r=2, alpha=4.0, seed=1)
     named = {"mini:tiny": model, "mini:tiny-tars": adapter}
     monkeypatch.setattr(demo, "shipped_model", lambda spec, log=print: named[spec])
     cfg = validate(demo.DemoConfig, {"out": str(tmp_path / "demo"), "model": "mini:tiny", "adapter": "mini:tiny-tars",

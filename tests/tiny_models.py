@@ -183,3 +183,21 @@ def tone_records(folder: Path, questions: list[str], seconds=(0.35, 0.8, 0.55)) 
         sf.write(str(folder / f"a{i}.wav"), x.astype(np.float32), 16000)
     return [Record(id=f"q{i}", question=q, options=["3", "4", "5", "six"][: 3 + i % 2], answer="B",
                    audio=f"a{i}.wav") for i, q in enumerate(questions)]
+
+
+def tiny_adapter(base: Path, folder: Path, r: int = 4, alpha: float = 8.0, seed: int = 0):
+    """Save an adapter of the model at `base` that changes it (B ~ N(0, 0.05): a fresh LoRA's B = 0
+    would be the identity), as a finished RL run leaves one; returns the backend carrying it, unmerged."""
+    from tars.models.loading import load_backend
+    from tars.models.lora import LoraSettings, add_lora, save_adapter
+
+    be = load_backend(base)
+    lora = LoraSettings(r=r, alpha=alpha, dropout=0.0)
+    params = add_lora(be, lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for k, p in params.items():
+            if k.endswith("lora_B.weight"):
+                p.normal_(0, 0.05)
+    save_adapter(be, folder, str(base), lora, steps=3, method="tars")
+    return be.eval()
