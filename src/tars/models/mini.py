@@ -125,6 +125,7 @@ def shipped_adapter(name: str, log=print) -> Path:
     """`mini:NAME` for a shipped adapter: its folder copied under $TARS_HOME (again when tars ships
     another), with its base stage unpacked, so it loads like any other adapter folder."""
     import hashlib
+    import json
     import shutil
 
     from tars.atomic import atomic_dir, atomic_write_text
@@ -145,8 +146,6 @@ def shipped_adapter(name: str, log=print) -> Path:
             for f in files:
                 shutil.copyfile(f, tmp / f.name)
         atomic_write_text(stamp, digest + "\n")
-    import json
-
     base = json.loads((out / ADAPTER_CONFIG).read_text())["base_model"]
     if base.startswith("mini:") and base[len("mini:"):] in SHIPPED_STAGES:
         shipped_stage(base[len("mini:"):], log=log)
