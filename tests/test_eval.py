@@ -73,6 +73,9 @@ def test_eval_runs_both_modalities_and_resumes(tmp_path):
     # The long question's clip is over the 15 s window: left out of both modalities, and said so.
     assert m["excluded_too_long"] == {"q": ["q9"]}
     assert m["datasets"]["q"]["text"]["n"] == 5 and m["datasets"]["q"]["speech"]["n"] == 5
+    # wall and CPU seconds per benchmark × modality (the mini table sums both per row)
+    assert set(m["seconds"]) == set(m["cpu_seconds"]) == {"q/speech", "q/text"}
+    assert all(v >= 0 for v in m["cpu_seconds"].values())
     preds = tmp_path / "e" / "predictions.jsonl"
     lines = preds.read_text().splitlines()
     assert len(lines) == 10

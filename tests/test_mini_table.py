@@ -4,7 +4,7 @@ tested in their own files)."""
 import json
 
 from conftest import run_cli
-from tars.experiment.mini_table import row_minutes, write_table
+from tars.experiment.mini_table import row_cpu_minutes, row_minutes, write_table
 
 
 def eval_dir(folder, speech=None, text=None, cascade=None, seconds=60.0):
@@ -24,11 +24,25 @@ def test_table_from_finished_rows(tmp_path):
     (tmp_path / "tars" / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "time/step": 30.0}) + "\n"
                                                              for i in range(1, 21)))
     assert row_minutes(tmp_path / "tars") == (20 * 30 + 300 + 60) / 60
+    assert row_cpu_minutes(tmp_path / "tars") is None  # logged before tars measured CPU time
     lines = write_table(tmp_path).read_text().splitlines()
-    assert "| base | 56.5 | 66.5 | +10.0 | 85.0 | 1.5 | – | – | 5.0 |" in lines
-    assert "| cascade | 60.0 | – |  | 90.2 | 1.5 | – | – | 2.0 |" in lines
-    assert "| tars | 58.0 | 66.0 | +8.0 | 87.2 | 1.5 | 25.0 | 26.0 | 16.0 |" in lines
-    assert "| grpo | not run | | | | | | | |" in lines
+    assert "| base | 56.5 | 66.5 | +10.0 | 85.0 | 1.5 | – | – | 5.0 | – |" in lines
+    assert "| cascade | 60.0 | – |  | 90.2 | 1.5 | – | – | 2.0 | – |" in lines
+    assert "| tars | 58.0 | 66.0 | +8.0 | 87.2 | 1.5 | 25.0 | 26.0 | 16.0 | – |" in lines
+    assert "| grpo | not run | | | | | | | | |" in lines
+
+
+def test_cpu_minutes_sum_steps_and_evaluations_and_ignore_pauses(tmp_path):
+    """A step paused for 10 minutes: its wall time says so, its CPU time does not."""
+    eval_dir(tmp_path / "grpo" / "eval", speech=50.0, text=60.0, seconds=300)
+    m = tmp_path / "grpo" / "eval" / "metrics.json"
+    m.write_text(json.dumps(json.loads(m.read_text()) | {"cpu_seconds": {"heldout/speech": 480.0, "heldout/text": 120.0}}))
+    steps = [{"step": 1, "time/step": 50.0, "time/cpu": 95.0}, {"step": 2, "time/step": 650.0, "time/cpu": 97.0}]
+    (tmp_path / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    assert row_minutes(tmp_path / "grpo") == (50 + 650 + 300) / 60
+    assert row_cpu_minutes(tmp_path / "grpo") == (95 + 97 + 480 + 120) / 60
+    eval_dir(tmp_path / "base" / "eval", speech=40.0, text=60.0)
+    assert "| grpo | 50.0 | 60.0 | +10.0 | 83.3 | 1.5 | – | – | 16.7 | 13.2 |" in write_table(tmp_path).read_text()
 
 
 def test_unknown_row_is_a_one_line_error(tmp_path):

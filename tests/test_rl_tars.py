@@ -68,7 +68,7 @@ def lora_of(folder):
 KEYS = {"step", "epoch", "loss", "grad_norm", "lr", "speech/reward", "speech/base", "speech/acc", "speech/format",
         "speech/rep", "speech/beh", "text/reward", "text/base", "text/acc", "text/format", "text/align", "gap",
         "no_reference", "clip_fraction", "speech/length", "text/length", "truncated", "time/generate",
-        "time/score", "time/rewards", "time/update", "time/step", "speech/entropy", "text/entropy", "sampler/kl",
+        "time/score", "time/rewards", "time/update", "time/step", "time/cpu", "speech/entropy", "text/entropy", "sampler/kl",
         "speech/rep_spread", "speech/beh_spread"}
 
 

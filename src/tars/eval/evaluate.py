@@ -88,6 +88,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     check_files([resolve_data(a) for a in cfg.data], check_audio_files=bool({"speech", "cascade"} & set(cfg.modalities)))
     backend = load_backend(resolve(cfg.model))
     timing: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     transcriber = None
     excluded: dict[str, list[str]] = {}
     for arg in cfg.data:
@@ -129,7 +130,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                     return backend.build_inputs(batch, "transcript")
                 return backend.build_inputs(batch, mod, base_dir=base)
 
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             # Continuous batching (Backend.generate_stream): a finished answer's slot takes the next
             # question at once; answers are appended (and fsynced) as they finish, so a kill loses
             # only the answers in flight.
@@ -153,6 +154,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                     rows.append(x)
                     bar.update(1)
             timing[f"{name}/{mod}"] = round(time.perf_counter() - t0, 1)
+            cpu[f"{name}/{mod}"] = round(time.process_time() - c0, 1)
     wanted = {dataset_name(a) for a in cfg.data}
     left_out = {(ds, i) for ds, ids in excluded.items() for i in ids}
     metrics = summarize([r for r in rows if r["dataset"] in wanted and r["modality"] in cfg.modalities
@@ -160,6 +162,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     metrics["model"] = cfg.model
     metrics["excluded_too_long"] = excluded
     metrics["seconds"] = timing
+    metrics["cpu_seconds"] = cpu  # this process's CPU time over all its threads, per benchmark × modality
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 

@@ -15,7 +15,7 @@ other questions' order, other rollouts). Each piece is resumable and skipped whe
 can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step writes
 `runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
-LLM), CPU time; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
+LLM), wall and CPU time; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
 bootstrap intervals (each question's correctness averaged over the seeds a row has). Once base, GRPO
 and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
 which the report shows.
@@ -101,13 +101,33 @@ def layer_plot(out: Path, heldout: str, base_model: str, progress: bool = True) 
 
 
 def row_minutes(folder: Path) -> float:
-    """CPU wall time of a row: its training steps (metrics.jsonl) plus its evaluations (metrics.json)."""
+    """Wall time of a row: its training steps (metrics.jsonl) plus its evaluations (metrics.json). A
+    paused or crowded process counts here; `row_cpu_minutes` does not."""
     total = 0.0
     log = folder / "metrics.jsonl"
     if log.exists():
         total += sum(json.loads(l).get("time/step", 0.0) for l in log.read_text().splitlines() if l.strip())
     for m in folder.glob("eval*/metrics.json"):
         total += sum(json.loads(m.read_text()).get("seconds", {}).values())
+    return total / 60
+
+
+def row_cpu_minutes(folder: Path) -> float | None:
+    """CPU time of a row (its process over all threads: ~2× the wall time on 2 busy cores): steps plus
+    evaluations; None when any piece ran before tars logged CPU time (`time/cpu`, `cpu_seconds`)."""
+    total = 0.0
+    log = folder / "metrics.jsonl"
+    if log.exists():
+        for line in filter(str.strip, log.read_text().splitlines()):
+            row = json.loads(line)
+            if "time/cpu" not in row:
+                return None
+            total += row["time/cpu"]
+    for m in folder.glob("eval*/metrics.json"):
+        d = json.loads(m.read_text())
+        if "cpu_seconds" not in d:
+            return None
+        total += sum(d["cpu_seconds"].values())
     return total / 60
 
 
@@ -124,8 +144,8 @@ def row_folders(out: Path, row: str | None = None) -> list[Path]:
 def write_table(out: Path) -> Path:
     """The table from every finished row (accuracy %; A = speech, or the transcript for the cascade),
     then the paired differences of `COMPARISONS`."""
-    lines = ["| row | held-out A | held-out T | gap | MRR % | unparseable A % | OpenBookQA A | OpenBookQA T | CPU min |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | held-out A | held-out T | gap | MRR % | unparseable A % | OpenBookQA A | OpenBookQA T | wall min "
+             "| CPU min |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def acc(folder: Path, row: str) -> tuple[dict | None, dict | None]:
         f = folder / "metrics.json"
@@ -141,7 +161,7 @@ def write_table(out: Path) -> Path:
     for row in ROWS:
         folders = [f for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
         if not folders:
-            lines.append(f"| {row} | not run | | | | | | | |")
+            lines.append(f"| {row} | not run | | | | | | | | |")
         for folder in folders:
             a, t = acc(folder / "eval", row)
             oa, ot = acc(folder / "eval_obqa", row)
@@ -149,11 +169,15 @@ def write_table(out: Path) -> Path:
             mrr = f"{100 * a['accuracy'] / backbone['accuracy']:.1f}" if a and backbone and backbone["accuracy"] else ""
             unp = f"{a['unparseable']:.1f}" if a else ""
             lines.append(f"| {folder.name} | {pct(a)} | {pct(t)} | {gap} | {mrr} | {unp} | {pct(oa)} | {pct(ot)} | "
-                         f"{row_minutes(folder):.1f} |")
+                         f"{row_minutes(folder):.1f} | {_minutes(row_cpu_minutes(folder))} |")
     lines += paired_lines(out)
     path = out / "table.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _minutes(m: float | None) -> str:
+    return "–" if m is None else f"{m:.1f}"
 
 
 def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str, float]]:

@@ -402,7 +402,7 @@ class TarsTrainer:
         self.last = None
         Q, Gs, Gt = len(batch), cfg.speech_rollouts, cfg.text_rollouts
         torch.manual_seed(_seed(cfg.seed, step, f"dropout:{group.rank}"))
-        clock, t_step = _Clock(be.device), time.perf_counter()
+        clock, t_step = _Clock(be.device), (time.perf_counter(), time.process_time())
         lr = self.sched.get_last_lr()[0]
 
         # 1. Paired rollouts: G_s completions from the speech prompt (the audio carries question and
@@ -631,7 +631,10 @@ class TarsTrainer:
         }
         for phase in ("generate", "score", "rewards", "update"):
             row[f"time/{phase}"] = round(clock.seconds[phase], 4)
-        row["time/step"] = round(time.perf_counter() - t_step, 4)
+        # Wall time, and this process's CPU time over all its threads: the cost of a step whatever
+        # else shares the machine or pauses the process (the mini table sums both per row).
+        row["time/step"] = round(time.perf_counter() - t_step[0], 4)
+        row["time/cpu"] = round(time.process_time() - t_step[1], 4)
         return row
 
     def _imitation_update(self, batch, prompts, speech, text, acc_s, acc_t, clock, step: int) -> dict:
