@@ -93,6 +93,28 @@ def test_the_adapter_shipped_with_tars_is_complete():
         assert all(v.shape[0 if ".lora_A." in k else 1] == meta["r"] for k, v in weights.items())
 
 
+def test_export_adapter_keeps_the_weights_drops_the_local_path_and_records_how(trained, tmp_path):
+    from tars.models.lora import export_adapter
+
+    _, adapter, expected = trained
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    (run / "config.yaml").write_text("model: mini:soft\nmethod: tars\nsteps: 3\n")
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({"datasets": {"mini:test": {
+        "speech": {"n": 500, "accuracy": 36.8, "subjects": {}}, "text": {"n": 500, "accuracy": 68.4}, "gap": 31.6}}}))
+    out = export_adapter(run, tmp_path / "shipped", command="tars train …")
+    meta = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert "base_model_path" not in meta and meta["steps"] == 3
+    prov = meta["provenance"]
+    assert prov["command"] == "tars train …" and prov["config"] == {"model": "mini:soft", "method": "tars", "steps": 3}
+    assert prov["evaluation"] == {"datasets": {"mini:test": {"speech": {"accuracy": 36.8, "n": 500},
+                                                             "text": {"accuracy": 68.4, "n": 500}}}}
+    assert (out / ADAPTER_WEIGHTS).read_bytes() == (adapter / ADAPTER_WEIGHTS).read_bytes()
+    with pytest.raises(UserError, match="no finished adapter"):
+        export_adapter(tmp_path / "nothing", tmp_path / "x", command="c")
+
+
 @pytest.mark.parametrize("damage", ["json", "field", "weights", "mismatch"])
 def test_a_broken_adapter_folder_is_a_one_line_error_naming_the_file(trained, tmp_path, damage):
     _, adapter, _ = trained

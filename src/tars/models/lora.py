@@ -219,7 +219,7 @@ def export_adapter(run: str | Path, out: str | Path, command: str) -> Path:
     if (run / "eval" / "metrics.json").exists():
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
         meta["provenance"]["evaluation"] = {"datasets": {d: {m: {"accuracy": v["accuracy"], "n": v["n"]}
-                                                             for m, v in mods.items() if "accuracy" in v}
+                                                             for m, v in mods.items() if isinstance(v, dict) and "accuracy" in v}
                                                          for d, mods in metrics["datasets"].items()}}
     with atomic_dir(out) as tmp:
         shutil.copyfile(adapter / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
