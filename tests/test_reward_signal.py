@@ -75,10 +75,13 @@ def test_analyze_rewards_on_a_tiny_model_resumes_and_refuses_other_settings(tmp_
     assert set(res["rewards"]) == {"R_acc", "R_fmt", "R_beh"} | {f"R_rep {p} / {k}" for p in ("mean", "last")
                                                                  for k in ("all", "shallow", "middle", "deep", "last")}
     assert all(-1.0 <= v <= 1.0 for g in groups if g["rep"] for r in g["rep"].values() for v in r)
-    # one more question: the first two are read back, not sampled again
+    # a kill cut the last line in half; one more question asked: the whole line is read back, the cut
+    # question and the new one are sampled
+    text = (out / "groups.jsonl").read_text()
+    (out / "groups.jsonl").write_text(text[: len(text) - 40])
     res3 = run_reward_signal(str(model), str(data), out, questions=3, rollouts=3, max_new_tokens=8, progress=False)
     again = [json.loads(l) for l in (out / "groups.jsonl").read_text().splitlines()]
-    assert again[:2] == groups and len(again) == 3 and res3["questions"] == 3
+    assert again[0] == groups[0] and [g["id"] for g in again] == ["q0", "q1", "q2"] and res3["questions"] == 3
     assert json.loads((out / "reward_signal.json").read_text())["questions"] == 3
     from tars.errors import UserError
 

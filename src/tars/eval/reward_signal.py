@@ -95,8 +95,8 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
     from tars.data.sources import DataConfig, load_data
     from tars.models.loading import load_backend
     from tars.rewards.accuracy import accuracy_reward
-    from tars.rewards.alignment import SentenceEmbedder, choose_references, representation_reward
-    from tars.rewards.alignment import behavior_reward
+    from tars.rewards.alignment import (SentenceEmbedder, behavior_reward, choose_references,
+                                        representation_reward)
     from tars.rewards.format import format_score
 
     if questions < 1 or rollouts < 2 or start < 0:
@@ -120,11 +120,16 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
     done: dict[str, dict] = {}
-    if log_file.exists():
+    if log_file.exists():  # a kill can cut the last line in half: keep the whole ones, drop the rest
+        kept = []
         for line in log_file.read_text().splitlines():
-            if line.strip():
+            try:
                 g = json.loads(line)
-                done[g["id"]] = g
+            except json.JSONDecodeError:
+                continue
+            done[g["id"]] = g
+            kept.append(line)
+        atomic_write_text(log_file, "".join(k + "\n" for k in kept))
     todo = [r for r in records if r.id not in done]
     backend = load_backend(model).eval() if todo else None
     if backend is not None:
@@ -138,7 +143,8 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
                 batch = todo[i:i + batch_size]
                 G, every = rollouts, list(range(1, n_layers + 1))
                 with torch.no_grad():
-                    sp, tx = backend.build_inputs(batch, "speech", base_dir=base_dir), backend.build_inputs(batch, "text")
+                    sp = backend.build_inputs(batch, "speech", base_dir=base_dir)
+                    tx = backend.build_inputs(batch, "text")
                     seeds = [[hash_seed(seed, m, r.id, g) for r in batch for g in range(G)] for m in ("speech", "text")]
                     s, t = backend.generate_paired([(sp, G, seeds[0]), (tx, G, seeds[1])], temperature, 1.0,
                                                    max_new_tokens)

@@ -178,7 +178,8 @@ def summary(base_dir: Path, base: dict, adapter_dir: Path | None, adapter: dict 
     lines = ["        model → with the shipped TARS adapter (paired difference, 95 % interval)"]
     for mod in ("speech", "text"):
         d = diffs[mod]
-        lines.append(f"{mod:>6}: {b[mod]['accuracy']:5.1f} % → {a[mod]['accuracy']:5.1f} %   {d['diff']:+5.1f} points "
+        lines.append(f"{mod:>6}: {b[mod]['accuracy']:5.1f} % → {a[mod]['accuracy']:5.1f} %   "
+                     f"{d['diff']:+5.1f} points "
                      f"[{d['lo']:+.1f}, {d['hi']:+.1f}]  (n {d['n']})")
     gap_b = b["text"]["accuracy"] - b["speech"]["accuracy"]
     gap_a = a["text"]["accuracy"] - a["speech"]["accuracy"]

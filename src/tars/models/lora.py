@@ -218,9 +218,10 @@ def export_adapter(run: str | Path, out: str | Path, command: str) -> Path:
     meta["provenance"] = {"command": command, "config": config, "tars_commit_at_export": commit}
     if (run / "eval" / "metrics.json").exists():
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        meta["provenance"]["evaluation"] = {"datasets": {d: {m: {"accuracy": v["accuracy"], "n": v["n"]}
-                                                             for m, v in mods.items() if isinstance(v, dict) and "accuracy" in v}
-                                                         for d, mods in metrics["datasets"].items()}}
+        meta["provenance"]["evaluation"] = {"datasets": {
+            d: {m: {"accuracy": v["accuracy"], "n": v["n"]} for m, v in mods.items()
+                if isinstance(v, dict) and "accuracy" in v}
+            for d, mods in metrics["datasets"].items()}}
     with atomic_dir(out) as tmp:
         shutil.copyfile(adapter / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
