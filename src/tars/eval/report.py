@@ -56,20 +56,22 @@ def results_table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def predictions(folder: Path) -> list[dict] | None:
+    """An evaluation folder's answers (`predictions.jsonl`), None when it has none."""
+    p = folder / "predictions.jsonl"
+    if not p.exists():
+        return None
+    try:
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from None
+
+
 def paired_section(eval_dirs: dict[str, Path]) -> list[str]:
     """Markdown lines: each evaluation against the first one, on the questions both answered: the accuracy
     difference in points and its 95 % paired bootstrap interval (eval/metrics.py). Two accuracies a few
     points apart on a few hundred questions can be noise; this says whether they are."""
     from tars.eval.metrics import paired_accuracy_differences
-
-    def predictions(f: Path) -> list[dict] | None:
-        p = f / "predictions.jsonl"
-        if not p.exists():
-            return None
-        try:
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}: not valid JSON ({e})") from None
 
     names = list(eval_dirs)
     base = predictions(eval_dirs[names[0]]) if names else None

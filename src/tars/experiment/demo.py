@@ -164,17 +164,15 @@ def summary(base_dir: Path, base: dict, adapter_dir: Path | None, adapter: dict 
     """Speech and text accuracy of the model (→ with the adapter, and the paired difference with its 95 %
     interval), then the gap; one line each."""
     from tars.eval.metrics import paired_accuracy_differences
+    from tars.eval.report import predictions
 
     b = next(iter(base["datasets"].values()))
     if adapter is None:
         lines = [f"{mod:>6}: {b[mod]['accuracy']:5.1f} %  (n {b[mod]['n']})" for mod in ("speech", "text")]
         return "\n".join(lines + [f"   gap: {b['text']['accuracy'] - b['speech']['accuracy']:+5.1f} points"])
     a = next(iter(adapter["datasets"].values()))
-
-    def rows(folder: Path) -> list[dict]:
-        return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
-
-    diffs = {mod: d for (_, mod), d in paired_accuracy_differences(rows(base_dir), rows(adapter_dir)).items()}
+    pairs = paired_accuracy_differences(predictions(base_dir), predictions(adapter_dir))
+    diffs = {mod: d for (_, mod), d in pairs.items()}
     lines = ["        model → with the shipped TARS adapter (paired difference, 95 % interval)"]
     for mod in ("speech", "text"):
         d = diffs[mod]

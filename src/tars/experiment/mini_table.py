@@ -100,35 +100,27 @@ def layer_plot(out: Path, heldout: str, base_model: str, progress: bool = True) 
     return folder
 
 
-def row_minutes(folder: Path) -> float:
-    """Wall time of a row: its training steps (metrics.jsonl) plus its evaluations (metrics.json). A
-    paused or crowded process counts here; `row_cpu_minutes` does not."""
-    total = 0.0
+def _row_logs(folder: Path) -> tuple[list[dict], list[dict]]:
+    """A row's step metrics (metrics.jsonl) and its evaluations' metrics (eval*/metrics.json)."""
     log = folder / "metrics.jsonl"
-    if log.exists():
-        total += sum(json.loads(l).get("time/step", 0.0) for l in log.read_text().splitlines() if l.strip())
-    for m in folder.glob("eval*/metrics.json"):
-        total += sum(json.loads(m.read_text()).get("seconds", {}).values())
-    return total / 60
+    steps = [json.loads(l) for l in log.read_text().splitlines() if l.strip()] if log.exists() else []
+    return steps, [json.loads(m.read_text()) for m in folder.glob("eval*/metrics.json")]
+
+
+def row_minutes(folder: Path) -> float:
+    """Wall time of a row: its training steps plus its evaluations. A paused or crowded process counts
+    here; `row_cpu_minutes` does not."""
+    steps, evals = _row_logs(folder)
+    return (sum(r.get("time/step", 0.0) for r in steps) + sum(sum(e.get("seconds", {}).values()) for e in evals)) / 60
 
 
 def row_cpu_minutes(folder: Path) -> float | None:
     """CPU time of a row (its process over all threads: ~2× the wall time on 2 busy cores): steps plus
     evaluations; None when any piece ran before tars logged CPU time (`time/cpu`, `cpu_seconds`)."""
-    total = 0.0
-    log = folder / "metrics.jsonl"
-    if log.exists():
-        for line in filter(str.strip, log.read_text().splitlines()):
-            row = json.loads(line)
-            if "time/cpu" not in row:
-                return None
-            total += row["time/cpu"]
-    for m in folder.glob("eval*/metrics.json"):
-        d = json.loads(m.read_text())
-        if "cpu_seconds" not in d:
-            return None
-        total += sum(d["cpu_seconds"].values())
-    return total / 60
+    steps, evals = _row_logs(folder)
+    if any("time/cpu" not in r for r in steps) or any("cpu_seconds" not in e for e in evals):
+        return None
+    return (sum(r["time/cpu"] for r in steps) + sum(sum(e["cpu_seconds"].values()) for e in evals)) / 60
 
 
 def row_folders(out: Path, row: str | None = None) -> list[Path]:
