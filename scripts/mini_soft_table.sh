@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12's ablation table on mini:soft (docs/results.md), one row at a time in the order that gives the
-# first TARS − GRPO comparison soonest; every row resumes from its last checkpoint and finished pieces are
+# TARS − GRPO comparison soonest (both seeds of both before the ablation rows); every row resumes from its last checkpoint and finished pieces are
 # skipped, so rerunning this script after a kill continues where it stopped. Run it in the background:
 #   nohup bash scripts/mini_soft_table.sh > runs/soft_table.log 2>&1 &
 # The base row's evaluation is `tars eval --model mini:soft --data mini:test` (the same EvalConfig as the
@@ -14,10 +14,10 @@ fi
 $T --rows base
 $T --rows tars --seeds 0
 $T --rows grpo --seeds 0
-$T --rows grpo_rep --seeds 0
-$T --rows grpo_beh --seeds 0
 $T --rows tars --seeds 1
 $T --rows grpo --seeds 1
+$T --rows grpo_rep --seeds 0
+$T --rows grpo_beh --seeds 0
 $T --rows sft --seeds 0
 $T --rows dpo --seeds 0
 # A pre-registered extra row (docs/results.md, "Does R_rep point the right way?"), fixed before any of
