@@ -103,16 +103,19 @@ def paired_bootstrap(base: Sequence[float], other: Sequence[float], n_boot: int 
     return float(d.mean()), float(lo), float(hi)
 
 
+def correct_by_question(rows: Iterable[dict]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (dataset, modality), each question id's correctness (1.0 or 0.0): the unit every paired
+    comparison resamples."""
+    out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        out[(r["dataset"], r["modality"])][r["id"]] = float(r["pred"] is not None and r["pred"] == r["answer"])
+    return out
+
+
 def paired_accuracy_differences(base: Iterable[dict], other: Iterable[dict], **kw) -> dict[tuple[str, str], dict]:
     """Per (dataset, modality) that both prediction sets hold: accuracy of `other` minus `base` in points
     over the questions both answered (matched by id), with its 95 % paired bootstrap interval."""
-    def correct(rows):
-        out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
-        for r in rows:
-            out[(r["dataset"], r["modality"])][r["id"]] = float(r["pred"] is not None and r["pred"] == r["answer"])
-        return out
-
-    a, b = correct(base), correct(other)
+    a, b = correct_by_question(base), correct_by_question(other)
     result = {}
     for key in sorted(a.keys() & b.keys()):
         ids = sorted(a[key].keys() & b[key].keys())

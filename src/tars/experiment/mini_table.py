@@ -177,12 +177,14 @@ def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str
     answered it right — only questions every seed answered."""
     from collections import defaultdict
 
+    from tars.eval.metrics import correct_by_question
+    from tars.eval.report import predictions
+
     per: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for folder in folders:
-        for line in (folder / "eval" / "predictions.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                per[(r["dataset"], r["modality"])][r["id"]].append(float(r["pred"] is not None and r["pred"] == r["answer"]))
+        for key, ids in correct_by_question(predictions(folder / "eval") or []).items():
+            for i, c in ids.items():
+                per[key][i].append(c)
     return {key: {i: sum(v) / len(v) for i, v in ids.items() if len(v) == len(folders)} for key, ids in per.items()}
 
 
