@@ -4,6 +4,7 @@ The real run (the shipped pack on the mini model) is the slow test in test_mini_
 """
 
 import json
+import re
 
 import pytest
 
@@ -53,6 +54,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert (out / "demo.yaml").exists() and (out / "tars" / "config.yaml").exists()
     assert (out / "tars" / "adapter").exists() and not (out / "tars" / "model").exists()
     assert any("speech:" in l and "→" in l and "[" in l for l in lines) and "done:" in lines[-1]
+    assert re.match(r"\[ *\d+\.\d min, peak \d+\.\d\d GB\] done:", lines[-1])  # where time and memory went
     # a rerun finds every piece done: no step is trained again
     steps = (out / "tars" / "metrics.jsonl").read_text()
     demo.run_demo(cfg, log=lines.append, progress=False)

@@ -47,3 +47,14 @@ def test_a_users_own_malloc_setting_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
     assert release_freed_memory() is False
+
+
+def test_peak_rss_follows_the_largest_allocation():
+    # In a fresh process: touch an array 0.4 GB larger than the peak so far and free it; the peak must
+    # count it — the demo's clock tells which piece spent the memory from this. (What the interpreter
+    # peaked at before depends on the test session's environment, hence an array sized from it.)
+    script = ("import numpy as np; from tars.host_memory import peak_rss_gb as p; a = p(); "
+              "b = np.ones(int((a + 0.4) * 1e9) // 8); del b; print(a, p())")
+    before, after = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                              check=True).stdout.split())
+    assert 0 < before and before + 0.35 < after < 2 * before + 0.5

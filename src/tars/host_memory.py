@@ -40,3 +40,13 @@ def release_freed_memory(threshold: int = THRESHOLD_BYTES) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
+def peak_rss_gb() -> float:
+    """This process's largest resident set so far, in GB (10^9 bytes, as GNU time's figure is read in
+    docs/): what a machine with little memory has to fit. Linux reports KiB, macOS bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9

@@ -151,13 +151,17 @@ def adapter_line(name: str, folder: Path) -> str:
 
 
 class _Clock:
-    """Logs each piece of the demo with the minutes since it started."""
+    """Logs each piece of the demo with the minutes since it started and the process's peak memory so
+    far: the 4 GB budget is the demo's tightest limit, and a jump between two lines names the piece
+    that spent it."""
 
     def __init__(self, log: Callable[[str], None]):
         self.log, self.t0 = log, time.perf_counter()
 
     def __call__(self, name: str) -> None:
-        self.log(f"[{(time.perf_counter() - self.t0) / 60:4.1f} min] {name}")
+        from tars.host_memory import peak_rss_gb
+
+        self.log(f"[{(time.perf_counter() - self.t0) / 60:4.1f} min, peak {peak_rss_gb():.2f} GB] {name}")
 
 
 def summary(base_dir: Path, base: dict, adapter_dir: Path | None, adapter: dict | None) -> str:
