@@ -108,3 +108,18 @@ def test_report_prints_paired_intervals_against_the_first_eval(tmp_path):
     assert "| same | heldout | speech | 4 | +0.0 | [+0.0, +0.0] |" in md
     assert "| better | heldout | speech | 4 | +50.0 | [" in md
     assert "<h3>Paired differences against <code>base</code></h3>" in (tmp_path / "rep" / "report.html").read_text()
+    # and as a forest plot, embedded in the page like the other figures
+    png = tmp_path / "rep" / "paired.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](paired.png)" in md
+    assert (tmp_path / "rep" / "report.html").read_text().count("data:image/png;base64,") == 1
+
+
+def test_report_without_predictions_has_no_paired_section(tmp_path):
+    f = tmp_path / "base"
+    f.mkdir()
+    (f / "metrics.json").write_text(json.dumps(eval_metrics(50.0, 60.0)))
+    g = tmp_path / "other"
+    g.mkdir()
+    (g / "metrics.json").write_text(json.dumps(eval_metrics(40.0, 60.0)))
+    md = build_report([f, g], tmp_path / "rep").read_text()
+    assert "Paired differences" not in md and not (tmp_path / "rep" / "paired.png").exists()

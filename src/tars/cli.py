@@ -545,7 +545,9 @@ def report_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder: report.md, report.html and the PNGs."),
 ) -> None:
     """One page from evaluations, runs and layer analyses: the results table in the paper's layout
-    (per benchmark A / T, Avg(A), Avg(T), gap, MRR), training curves and the layer plot."""
+    (per benchmark A / T, Avg(A), Avg(T), gap, MRR), each evaluation against the first as a paired
+    difference with its 95 % bootstrap interval (a table and a forest plot; put the baseline first),
+    training curves and the layer plot."""
     from tars.eval.report import build_report
 
     path = build_report(folders, out)

@@ -67,28 +67,65 @@ def predictions(folder: Path) -> list[dict] | None:
         raise UserError(f"{p}: not valid JSON ({e})") from None
 
 
-def paired_section(eval_dirs: dict[str, Path]) -> list[str]:
-    """Markdown lines: each evaluation against the first one, on the questions both answered: the accuracy
-    difference in points and its 95 % paired bootstrap interval (eval/metrics.py). Two accuracies a few
-    points apart on a few hundred questions can be noise; this says whether they are."""
+def paired_differences(eval_dirs: dict[str, Path]) -> list[tuple[str, str, str, dict]]:
+    """(model, benchmark, modality, difference) for each evaluation against the first one, on the
+    questions both answered: the accuracy difference in points and its 95 % paired bootstrap interval
+    (eval/metrics.py). Two accuracies a few points apart on a few hundred questions can be noise; the
+    interval says whether they are."""
     from tars.eval.metrics import paired_accuracy_differences
 
     names = list(eval_dirs)
     base = predictions(eval_dirs[names[0]]) if names else None
     if base is None or len(names) < 2:
         return []
-    lines = [f"### Paired differences against `{names[0]}`", "",
+    out = []
+    for name in names[1:]:
+        other = predictions(eval_dirs[name])
+        if other is not None:
+            out += [(name, ds, mod, d) for (ds, mod), d in paired_accuracy_differences(base, other).items()]
+    return out
+
+
+def paired_section(against: str, diffs: list[tuple[str, str, str, dict]]) -> list[str]:
+    """Markdown lines: `paired_differences` as a table."""
+    if not diffs:
+        return []
+    lines = [f"### Paired differences against `{against}`", "",
              "Accuracy difference (points) on the same questions, with its 95 % bootstrap interval "
              "(10,000 resamples of the questions); an interval that excludes 0 is a difference the questions' "
              "draw does not explain.", "",
              "| model | benchmark | modality | n | Δ accuracy | 95 % interval |", "| --- | --- | --- | --- | --- | --- |"]
-    for name in names[1:]:
-        other = predictions(eval_dirs[name])
-        if other is None:
-            continue
-        for (ds, mod), d in paired_accuracy_differences(base, other).items():
-            lines.append(f"| {name} | {ds} | {mod} | {d['n']} | {d['diff']:+.1f} | [{d['lo']:+.1f}, {d['hi']:+.1f}] |")
+    for name, ds, mod, d in diffs:
+        lines.append(f"| {name} | {ds} | {mod} | {d['n']} | {d['diff']:+.1f} | [{d['lo']:+.1f}, {d['hi']:+.1f}] |")
     return lines + [""]
+
+
+def plot_paired(against: str, diffs: list[tuple[str, str, str, dict]]) -> bytes:
+    """`paired_differences` as a forest plot: one line per model × benchmark, speech and text side by
+    side, each difference with its interval around the 0 line — whether an interval crosses 0 reads at
+    a glance, which a column of bracketed numbers does not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(f"{name} · {ds}" for name, ds, _, _ in diffs))
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * len(labels)), dpi=120)
+    for k, (mod, color) in enumerate((("speech", "tab:blue"), ("text", "tab:orange"))):
+        pts = [(labels.index(f"{name} · {ds}"), d) for name, ds, m, d in diffs if m == mod]
+        if not pts:
+            continue
+        ys = [len(labels) - 1 - i + (0.12 if k == 0 else -0.12) for i, _ in pts]
+        xs = [d["diff"] for _, d in pts]
+        err = [[d["diff"] - d["lo"] for _, d in pts], [d["hi"] - d["diff"] for _, d in pts]]
+        ax.errorbar(xs, ys, xerr=err, fmt="o", color=color, capsize=3, label=mod)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(labels)), labels[::-1], fontsize=8)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel(f"Δ accuracy against {against} (points), 95 % paired bootstrap interval", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7)
+    return figure_png(fig)
 
 
 def display_name(folder: Path) -> str:
@@ -194,7 +231,11 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
         md += ["## Results", "", "Accuracy % from speech (A) and text (T); Gap = Avg(T) − Avg(A); MRR = Avg(A) / "
                "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
         md += results_table(evals) + [""]
-        md += paired_section(eval_dirs)
+        diffs = paired_differences(eval_dirs)
+        md += paired_section(next(iter(eval_dirs)), diffs) if diffs else []
+        if diffs:
+            atomic_write_bytes(out / "paired.png", plot_paired(next(iter(eval_dirs)), diffs))
+            md += ["![Paired differences with 95 % intervals](paired.png)", ""]
     for caption, name, note in figures:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""] + ([note, ""] if note else [])
     atomic_write_text(out / "report.md", "\n".join(md))
