@@ -42,7 +42,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert "| base |" in md and "| tars_adapter |" in md and "Paired differences against `base`" in md
     for png in sorted((out / "report").glob("*.png")):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {p.name for p in (out / "report").glob("*.png")} == {"training_tars.png", "layers_layers.png"}
+    assert {p.name for p in (out / "report").glob("*.png")} == {"training_tars.png", "layers_layers.png", "paired.png"}
     assert list(json.loads((out / "layers" / "layers.json").read_text())["curves"]) == ["base", "TARS adapter"]
     assert len(read_records(out / "data" / "heldout.jsonl")) == 3
     for folder in ("base", "tars_adapter"):

@@ -50,8 +50,8 @@ def test_a_users_own_malloc_setting_wins(monkeypatch):
 
 
 def test_peak_rss_follows_the_largest_allocation():
-    # In a fresh process: touch an array 0.4 GB larger than the peak so far and free it; the peak must
-    # count it — the demo's clock tells which piece spent the memory from this. (What the interpreter
+    # In a fresh process: touch an array 0.4 GB (4·10^8 bytes ≈ 0.39 in GNU time's kB / 10^6) larger than
+    # the peak so far and free it; the peak must count it — the demo's clock tells which piece spent the memory from this. (What the interpreter
     # peaked at before depends on the test session's environment, hence an array sized from it.)
     script = ("import numpy as np; from tars.host_memory import peak_rss_gb as p; a = p(); "
               "b = np.ones(int((a + 0.4) * 1e9) // 8); del b; print(a, p())")

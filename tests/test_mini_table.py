@@ -3,6 +3,8 @@ tested in their own files)."""
 
 import json
 
+import pytest
+
 from conftest import run_cli
 from tars.experiment.mini_table import row_cpu_minutes, row_minutes, write_table
 
@@ -109,3 +111,12 @@ def test_layer_plot_waits_for_grpo_and_tars_then_runs_once(tmp_path, monkeypatch
     assert layer_plot(tmp_path, "mini:test", "mini:soft") == tmp_path / "layers"
     assert calls == [(["mini:soft", str(tmp_path / "grpo" / "model"), str(tmp_path / "tars" / "model")],
                       "mini:test", LAYER_QUESTIONS, "gold", ["base", "grpo", "tars"])]
+
+
+def test_seed_mean_correct_names_a_row_without_predictions(tmp_path):
+    from tars.errors import UserError
+    from tars.experiment.mini_table import seed_mean_correct
+
+    (tmp_path / "grpo" / "eval").mkdir(parents=True)
+    with pytest.raises(UserError, match="grpo/eval: no predictions.jsonl"):
+        seed_mean_correct([tmp_path / "grpo"])

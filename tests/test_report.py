@@ -123,3 +123,26 @@ def test_report_without_predictions_has_no_paired_section(tmp_path):
     (g / "metrics.json").write_text(json.dumps(eval_metrics(40.0, 60.0)))
     md = build_report([f, g], tmp_path / "rep").read_text()
     assert "Paired differences" not in md and not (tmp_path / "rep" / "paired.png").exists()
+
+
+def test_forest_plot_puts_each_difference_on_its_own_line(monkeypatch):
+    import tars.eval.report as report
+
+    figs = []
+    monkeypatch.setattr(report, "figure_png", lambda fig: figs.append(fig) or b"")
+    d = lambda diff: {"n": 10, "diff": diff, "lo": diff - 1.0, "hi": diff + 2.0}  # noqa: E731
+    diffs = [("grpo", "mini:test", "speech", d(1.0)), ("grpo", "mini:test", "text", d(-2.0)),
+             ("tars", "mini:test", "speech", d(3.0)), ("tars", "mini:test", "text", d(4.0)),
+             ("cascade", "mini:test", "cascade", d(5.0))]
+    report.plot_paired("base", diffs)
+    ax = figs[0].axes[0]
+    # first label on top: tick j (from the bottom) names labels[n − 1 − j]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cascade · mini:test", "tars · mini:test", "grpo · mini:test"]
+    got = {}
+    for line, mod in zip([c.lines[0] for c in ax.containers], ["speech", "text", "cascade"]):
+        for x, y in zip(line.get_xdata(), line.get_ydata()):
+            got[(mod, float(x))] = round(float(y), 2)
+    # three modalities: offsets +0.12, 0, −0.12 around each line (grpo at 2, tars at 1, cascade at 0)
+    assert got == {("speech", 1.0): 2.12, ("text", -2.0): 2.0, ("speech", 3.0): 1.12, ("text", 4.0): 1.0,
+                   ("cascade", 5.0): -0.12}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["speech", "text", "cascade"]

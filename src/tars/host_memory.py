@@ -9,7 +9,7 @@ comes from the heap; the heap is given back only from its top, and blocks kept a
 (docs/performance.md, "Peak memory of a training step"): a checkpointed step peaked at 6.1 GB RSS with
 glibc's default and at 1.9 GB with the threshold fixed at 1 MiB. The price is a page fault per fresh
 page of every large tensor: that step ran 1.38× as long, which is why this is a switch
-(`release_memory`) and not the default.
+(`release_memory`) and not the default. `peak_rss_gb` reads the peak that such limits are about.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def release_freed_memory(threshold: int = THRESHOLD_BYTES) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
 
 
-def peak_rss_gb() -> float:
-    """This process's largest resident set so far, in GB (10^9 bytes, as GNU time's figure is read in
-    docs/): what a machine with little memory has to fit. Linux reports KiB, macOS bytes."""
-    import resource
+def peak_rss_gb() -> float | None:
+    """This process's largest resident set so far (not its children's), in the unit docs/ read GNU
+    time's "Maximum resident set size (kbytes)" in: that figure / 10^6, so the demo's log and the
+    documented peaks compare directly. None where the OS does not say (no `resource` module: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
     import sys
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 1024 / 1e6 if sys.platform == "darwin" else peak / 1e6

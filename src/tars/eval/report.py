@@ -101,8 +101,8 @@ def paired_section(against: str, diffs: list[tuple[str, str, str, dict]]) -> lis
 
 
 def plot_paired(against: str, diffs: list[tuple[str, str, str, dict]]) -> bytes:
-    """`paired_differences` as a forest plot: one line per model × benchmark, speech and text side by
-    side, each difference with its interval around the 0 line — whether an interval crosses 0 reads at
+    """`paired_differences` as a forest plot: one line per model × benchmark, its modalities one above
+    the other, each difference with its interval around the 0 line — whether an interval crosses 0 reads at
     a glance, which a column of bracketed numbers does not."""
     import matplotlib
 
@@ -110,15 +110,15 @@ def plot_paired(against: str, diffs: list[tuple[str, str, str, dict]]) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(f"{name} · {ds}" for name, ds, _, _ in diffs))
+    mods = list(dict.fromkeys(mod for _, _, mod, _ in diffs))  # speech, text; cascade where evaluated
     fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * len(labels)), dpi=120)
-    for k, (mod, color) in enumerate((("speech", "tab:blue"), ("text", "tab:orange"))):
+    for k, mod in enumerate(mods):
         pts = [(labels.index(f"{name} · {ds}"), d) for name, ds, m, d in diffs if m == mod]
-        if not pts:
-            continue
-        ys = [len(labels) - 1 - i + (0.12 if k == 0 else -0.12) for i, _ in pts]
+        offset = 0.12 * ((len(mods) - 1) / 2 - k)  # the first modality on top within a line
+        ys = [len(labels) - 1 - i + offset for i, _ in pts]
         xs = [d["diff"] for _, d in pts]
         err = [[d["diff"] - d["lo"] for _, d in pts], [d["hi"] - d["diff"] for _, d in pts]]
-        ax.errorbar(xs, ys, xerr=err, fmt="o", color=color, capsize=3, label=mod)
+        ax.errorbar(xs, ys, xerr=err, fmt="o", capsize=3, label=mod)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(range(len(labels)), labels[::-1], fontsize=8)
     ax.set_ylim(-0.6, len(labels) - 0.4)
@@ -231,11 +231,10 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
         md += ["## Results", "", "Accuracy % from speech (A) and text (T); Gap = Avg(T) − Avg(A); MRR = Avg(A) / "
                "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
         md += results_table(evals) + [""]
-        diffs = paired_differences(eval_dirs)
-        md += paired_section(next(iter(eval_dirs)), diffs) if diffs else []
+        diffs, against = paired_differences(eval_dirs), next(iter(eval_dirs))
         if diffs:
-            atomic_write_bytes(out / "paired.png", plot_paired(next(iter(eval_dirs)), diffs))
-            md += ["![Paired differences with 95 % intervals](paired.png)", ""]
+            atomic_write_bytes(out / "paired.png", plot_paired(against, diffs))
+            md += paired_section(against, diffs) + ["![Paired differences with 95 % intervals](paired.png)", ""]
     for caption, name, note in figures:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""] + ([note, ""] if note else [])
     atomic_write_text(out / "report.md", "\n".join(md))

@@ -151,9 +151,9 @@ def adapter_line(name: str, folder: Path) -> str:
 
 
 class _Clock:
-    """Logs each piece of the demo with the minutes since it started and the process's peak memory so
-    far: the 4 GB budget is the demo's tightest limit, and a jump between two lines names the piece
-    that spent it."""
+    """Logs each piece of the demo, as it starts, with the minutes since the demo started and the
+    process's peak memory so far: the 4 GB budget is the demo's tightest limit. The rise from one line
+    to the next is the peak of the piece named on the first; the `done:` line holds the whole demo's."""
 
     def __init__(self, log: Callable[[str], None]):
         self.log, self.t0 = log, time.perf_counter()
@@ -161,7 +161,9 @@ class _Clock:
     def __call__(self, name: str) -> None:
         from tars.host_memory import peak_rss_gb
 
-        self.log(f"[{(time.perf_counter() - self.t0) / 60:4.1f} min, peak {peak_rss_gb():.2f} GB] {name}")
+        peak = peak_rss_gb()
+        self.log(f"[{(time.perf_counter() - self.t0) / 60:4.1f} min" + (f", peak {peak:.2f} GB" if peak else "")
+                 + f"] {name}")
 
 
 def summary(base_dir: Path, base: dict, adapter_dir: Path | None, adapter: dict | None) -> str:

@@ -177,12 +177,16 @@ def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str
     answered it right — only questions every seed answered."""
     from collections import defaultdict
 
+    from tars.errors import UserError
     from tars.eval.metrics import correct_by_question
     from tars.eval.report import predictions
 
     per: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for folder in folders:
-        for key, ids in correct_by_question(predictions(folder / "eval") or []).items():
+        rows = predictions(folder / "eval")
+        if rows is None:
+            raise UserError(f"{folder / 'eval'}: no predictions.jsonl to compare")
+        for key, ids in correct_by_question(rows).items():
             for i, c in ids.items():
                 per[key][i].append(c)
     return {key: {i: sum(v) / len(v) for i, v in ids.items() if len(v) == len(folders)} for key, ids in per.items()}
