@@ -130,3 +130,40 @@ def test_shipped_stages_unpack_in_order_and_again_when_a_pack_below_changes(base
     pack_stage(tmp_path / "demo2", base, tmp_path / "mini_demo.safetensors", rank=2)
     mini.shipped_stage("soft", log=logs.append)
     assert [l.split()[1] for l in logs] == ["mini_demo.safetensors", "mini_soft.safetensors"]
+
+
+def test_loading_a_stale_shipped_stage_unpacks_the_new_pack_but_keeps_a_custom_one(base, tmp_path, monkeypatch):
+    """A tars that ships a new pack must not load the old unpacked stage; a stage the user unpacked
+    from their own pack (`tars mini unpack --pack`) stays as it is until they unpack the shipped one."""
+    from tars.models import mini
+
+    monkeypatch.setenv("TARS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mini, "build_mini", lambda: base)
+    shipped = tmp_path / "ship" / "mini_demo.safetensors"
+    shipped.parent.mkdir()
+    monkeypatch.setattr("tars.models.stage_pack.SHIPPED", shipped)
+
+    def stage_pack(name, bump):
+        stage = make_stage(base, tmp_path / name)
+        with torch.no_grad():  # each stage its own projector
+            be = load_backend(stage)
+            be.projector.fc2.weight.add_(bump)
+            be.save_pretrained(stage)
+        pack_stage(stage, base, tmp_path / f"{name}.safetensors", rank=2)
+        return load_backend(stage).projector.fc2.weight, tmp_path / f"{name}.safetensors"
+
+    w1, p1 = stage_pack("v1", 1.0)
+    w2, p2 = stage_pack("v2", 2.0)
+    w3, p3 = stage_pack("mine", 3.0)
+    fc2 = lambda: load_backend("mini:demo").projector.fc2.weight  # noqa: E731
+    shipped.write_bytes(p1.read_bytes())
+    torch.testing.assert_close(fc2(), w1, atol=0.05, rtol=0)  # int8 / fp16 in the pack
+    shipped.write_bytes(p2.read_bytes())  # an upgraded tars
+    torch.testing.assert_close(fc2(), w2, atol=0.05, rtol=0)
+    mini.shipped_stage("demo", p3)  # the user's own pack
+    assert mini.custom_stage("demo") and str(p3.resolve()) in (mini.mini_dir("demo") / "PACK").read_text()
+    torch.testing.assert_close(fc2(), w3, atol=0.05, rtol=0)
+    mini.shipped_stage("demo", p3, log=pytest.fail)  # the same custom pack again: nothing to do
+    mini.shipped_stage("demo")  # `tars mini unpack` without --pack: the shipped one back
+    assert not mini.custom_stage("demo")
+    torch.testing.assert_close(fc2(), w2, atol=0.05, rtol=0)

@@ -320,12 +320,16 @@ def mini_ship_adapter(
 def mini_unpack(
     stage: str = typer.Option("demo", help="The shipped stage: demo (CTC projector: mini:demo) or soft (the "
                                            "KD-aligned soft CTC projector on top of it: mini:soft)."),
-    pack: Optional[Path] = typer.Option(None, help="A stage pack (default: the one shipped with tars)."),
+    pack: Optional[Path] = typer.Option(None, help="A stage pack (default: the one shipped with tars). A stage "
+                                                   "unpacked from your own pack stays mini:STAGE until you run "
+                                                   "this again without --pack (or `tars demo`, which uses the "
+                                                   "shipped one)."),
 ) -> None:
     """A shipped mini stage as a model folder, $TARS_HOME/mini/STAGE (`--model mini:STAGE`), from its pack.
 
     Builds mini:base (and mini:demo under mini:soft) first if needed; a second call with the same pack
-    returns at once.
+    returns at once. Loading mini:STAGE does this by itself, and again after an upgraded tars ships a
+    new pack.
     """
     from tars.models.mini import SHIPPED_STAGES, shipped_stage
 

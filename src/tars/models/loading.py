@@ -64,10 +64,11 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
     path = resolve(path)
     from tars.models.lora import is_adapter, load_adapter
-    from tars.models.mini import SHIPPED_ADAPTERS, SHIPPED_STAGES, mini_dir, shipped_adapter, shipped_stage
+    from tars.models.mini import (SHIPPED_ADAPTERS, SHIPPED_STAGES, custom_stage, mini_dir, shipped_adapter,
+                                  shipped_stage)
 
     for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
-        if path == mini_dir(name) and not (path / "config.json").exists():
+        if path == mini_dir(name) and not custom_stage(name):  # made when missing or stale
             shipped_stage(name)
     for name in SHIPPED_ADAPTERS:
         if path == mini_dir(name):

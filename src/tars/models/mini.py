@@ -86,13 +86,16 @@ SHIPPED_STAGES = {"demo": ("mini_demo.safetensors", "base"), "soft": ("mini_soft
 @hf_progress_off()  # unpacking's load / save bars say nothing to a user
 def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
     """`mini:NAME` for a shipped stage: unpacked from `pack` (default: the one shipped with tars) onto
-    its base stage once, and again when the pack changes — so it works on a fresh machine."""
+    its base stage once, and again when the pack changes — so it works on a fresh machine, and a tars
+    that ships a new pack never loads the old one. The stamp (`PACK`) holds the digest, then the pack's
+    path when it is not the shipped one (`custom_stage`)."""
     import hashlib
 
     from tars.atomic import atomic_write_text
     from tars.models.stage_pack import SHIPPED, find_pack, unpack_stage
 
     file, onto = SHIPPED_STAGES[name]
+    custom = pack is not None and Path(pack).resolve() != (SHIPPED.parent / file).resolve()
     pack = find_pack(pack or SHIPPED.parent / file)
     base = build_mini() if onto == "base" else shipped_stage(onto, log=log)
     out = mini_dir(name)
@@ -100,12 +103,19 @@ def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
     if onto != "base":  # a new base stage (its own pack changed) means a new stage on top of it
         digest = hashlib.sha256((digest + (base / "PACK").read_text()).encode()).hexdigest()[:16]
     stamp = out / "PACK"
-    if (out / "config.json").exists() and stamp.exists() and stamp.read_text().strip() == digest:
+    if (out / "config.json").exists() and stamp.exists() and stamp.read_text().split()[:1] == [digest]:
         return out
     log(f"unpacking {pack.name} onto {base} → {out}")
     unpack_stage(pack, base, out)
-    atomic_write_text(stamp, digest + "\n")
+    atomic_write_text(stamp, digest + (f" {pack.resolve()}" if custom else "") + "\n")
     return out
+
+
+def custom_stage(name: str) -> bool:
+    """Whether `mini:NAME` was unpacked from a pack other than the shipped one (`tars mini unpack
+    --pack`): loading it then leaves it as it is, where a stale shipped stage is unpacked again."""
+    stamp = mini_dir(name) / "PACK"
+    return stamp.exists() and len(stamp.read_text().split()) > 1
 
 
 def demo_stage(pack: Path | None = None, log=print) -> Path:
