@@ -101,6 +101,23 @@ def test_fixed_and_continuous_batches_give_the_same_answers(tmp_path):
     assert len(got[True]) == 7 and got[True] == got[False]
 
 
+def test_fixed_batches_encode_prompts_without_a_graph(tmp_path):
+    from tars.eval.evaluate import _fixed_batches
+    from tars.models.loading import load_backend
+    from tars.data.jsonl import read_records
+
+    be = load_backend(tiny_qwen2_audio(tmp_path / "m"))
+    recs = read_records(write_jsonl(tmp_path / "q.jsonl", [good_row(i) for i in range(3)]))
+    built = []
+
+    def make_inputs(batch):
+        built.append(be.build_inputs(batch, "text"))
+        return built[-1]
+
+    assert len(list(_fixed_batches(be, recs, make_inputs, 2, 3))) == 3
+    assert len(built) == 2 and all(b.embeds.grad_fn is None for b in built)
+
+
 @needs_espeak
 def test_cascade_answers_the_whisper_transcript(tmp_path, monkeypatch):
     import pytest

@@ -169,8 +169,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
 def _fixed_batches(backend, items, make_inputs, batch_size: int, max_new_tokens: int):
     """`generate_stream`'s contract with fixed batches: (item index, token ids, truncated)."""
+    import torch
+
     for i in range(0, len(items), batch_size):
-        gen = backend.generate(make_inputs(items[i : i + batch_size]), temperature=0.0, max_new_tokens=max_new_tokens)
+        with torch.no_grad():  # as in generate_stream: no graph of the audio encoding kept beside the batch
+            inputs = make_inputs(items[i : i + batch_size])
+        gen = backend.generate(inputs, temperature=0.0, max_new_tokens=max_new_tokens)
         for j, (ids, trunc) in enumerate(zip(gen.token_ids, gen.truncated)):
             yield i + j, ids, trunc
 

@@ -21,6 +21,7 @@ layer's state before (`pre_norm`, default, as R_rep) or after (`post_norm`) the 
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Literal, Sequence
@@ -67,6 +68,7 @@ def _per_token_batch(backend, speech_in, text_in, comps, idx, layers, last_layer
     return out
 
 
+@torch.no_grad()  # a loaded model's weights require grad: the prompts' audio encoding would keep its graph (2 GB)
 def analyze_model(backend, records, base_dir: Path | None, completion: Literal["text_greedy", "gold"] = "text_greedy",
                   batch_size: int = 8, max_new_tokens: int = 192, progress: bool = True,
                   cosine: Cosine = "per_token", last_layer: str = "pre_norm") -> list[float]:
@@ -148,6 +150,8 @@ def run_layers(models: Sequence[str], data: str, out: Path, limit: int | None = 
         curves[label] = analyze_model(backend, keep, base, completion, batch_size, progress=progress,
                                       cosine=cosine, last_layer=last_layer)
         counts[label] = len(keep)
+        del backend  # before the next model loads: one model in memory at a time, not two
+        gc.collect()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"data": data, "n": counts, "completion": completion, "cosine": cosine, "last_layer": last_layer,
