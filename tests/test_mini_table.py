@@ -78,6 +78,10 @@ def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
     lines = write_table(tmp_path).read_text().splitlines()
     assert any(l.startswith("| tars_s1 | 50.0 | – |  | 66.7 |") for l in lines)  # MRR: 50 / 75 (base's text)
     assert any(l.startswith("| grpo_s1 | 0.0 |") for l in lines)
+    # the row averaged over its seeds, what the paired lines compare: (75 + 50) / 2, MRR 62.5 / 75
+    assert any(l.startswith("| tars (mean of 2 seeds) | 62.5 | – |  | 83.3 | 0.0 |") for l in lines)
+    assert any(l.startswith("| grpo (mean of 2 seeds) | 12.5 |") for l in lines)
+    assert not any(l.startswith("| base (mean") for l in lines)
     row = next(l for l in lines if l.startswith("| tars − grpo |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:5] == ["2 vs 2", "speech", "4", "+50.0"]

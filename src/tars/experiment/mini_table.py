@@ -15,7 +15,7 @@ other questions' order, other rollouts). Each piece is resumable and skipped whe
 can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step writes
 `runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
-LLM), wall and CPU time; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
+LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
 bootstrap intervals (each question's correctness averaged over the seeds a row has). Once base, GRPO
 and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
 which the report shows.
@@ -135,7 +135,7 @@ def row_folders(out: Path, row: str | None = None) -> list[Path]:
 
 def write_table(out: Path) -> Path:
     """The table from every finished row (accuracy %; A = speech, or the transcript for the cascade),
-    then the paired differences of `COMPARISONS`."""
+    a line per seed and, for several, their mean; then the paired differences of `COMPARISONS`."""
     lines = ["| row | held-out A | held-out T | gap | MRR % | unparseable A % | OpenBookQA A | OpenBookQA T | wall min "
              "| CPU min |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -149,23 +149,43 @@ def write_table(out: Path) -> Path:
     def pct(x: dict | None) -> str:
         return f"{x['accuracy']:.1f}" if x else "–"
 
+    def line(name: str, a: dict | None, t: dict | None, oa: dict | None, ot: dict | None, wall: float,
+             cpu: float | None) -> str:
+        gap = f"{t['accuracy'] - a['accuracy']:+.1f}" if a and t else ""
+        mrr = f"{100 * a['accuracy'] / backbone['accuracy']:.1f}" if a and backbone and backbone["accuracy"] else ""
+        unp = f"{a['unparseable']:.1f}" if a else ""
+        return (f"| {name} | {pct(a)} | {pct(t)} | {gap} | {mrr} | {unp} | {pct(oa)} | {pct(ot)} | "
+                f"{wall:.1f} | {_minutes(cpu)} |")
+
     _, backbone = acc(out / "base" / "eval", "base")
     for row in ROWS:
         folders = [f for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
         if not folders:
             lines.append(f"| {row} | not run | | | | | | | | |")
+        seeds = []
         for folder in folders:
-            a, t = acc(folder / "eval", row)
-            oa, ot = acc(folder / "eval_obqa", row)
-            gap = f"{t['accuracy'] - a['accuracy']:+.1f}" if a and t else ""
-            mrr = f"{100 * a['accuracy'] / backbone['accuracy']:.1f}" if a and backbone and backbone["accuracy"] else ""
-            unp = f"{a['unparseable']:.1f}" if a else ""
-            lines.append(f"| {folder.name} | {pct(a)} | {pct(t)} | {gap} | {mrr} | {unp} | {pct(oa)} | {pct(ot)} | "
-                         f"{row_minutes(folder):.1f} | {_minutes(row_cpu_minutes(folder))} |")
+            seeds.append((*acc(folder / "eval", row), *acc(folder / "eval_obqa", row), row_minutes(folder),
+                          row_cpu_minutes(folder)))
+            lines.append(line(folder.name, *seeds[-1]))
+        if len(seeds) > 1:  # what the paired differences below compare: the row averaged over its seeds
+            lines.append(line(f"{row} (mean of {len(seeds)} seeds)", *_mean_over_seeds(seeds)))
     lines += paired_lines(out)
     path = out / "table.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _mean_over_seeds(seeds: list[tuple]) -> list:
+    """Each column of a row's seed lines averaged: an accuracy dict (accuracy, unparseable) only where
+    every seed has it, minutes likewise."""
+    def mean(values: list) -> dict | float | None:
+        if any(v is None for v in values):
+            return None
+        if isinstance(values[0], dict):
+            return {k: sum(v[k] for v in values) / len(values) for k in ("accuracy", "unparseable")}
+        return sum(values) / len(values)
+
+    return [mean(list(column)) for column in zip(*seeds)]
 
 
 def _minutes(m: float | None) -> str:
