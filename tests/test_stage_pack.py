@@ -98,7 +98,7 @@ def test_a_file_that_is_not_a_pack_is_a_clear_error(base, tmp_path):
         unpack_stage(bad, base, tmp_path / "out")
 
 
-def test_shipped_stages_unpack_in_order_and_again_when_a_pack_below_changes(base, tmp_path, monkeypatch):
+def test_shipped_stages_unpack_in_order_and_again_when_a_pack_below_changes(base, tmp_path, monkeypatch, capsys):
     """mini:soft is unpacked onto mini:demo, itself unpacked onto the build: a first load makes both, a
     second returns at once, and a new demo pack makes both again (soft sits on top of it)."""
     from tars.models import mini
@@ -130,6 +130,21 @@ def test_shipped_stages_unpack_in_order_and_again_when_a_pack_below_changes(base
     pack_stage(tmp_path / "demo2", base, tmp_path / "mini_demo.safetensors", rank=2)
     mini.shipped_stage("soft", log=logs.append)
     assert [l.split()[1] for l in logs] == ["mini_demo.safetensors", "mini_soft.safetensors"]
+    # the user's own mini:demo: loading mini:soft puts soft on top of it and leaves it theirs
+    pack_stage(demo_stage, base, tmp_path / "mine.safetensors", rank=2)
+    mini.shipped_stage("demo", tmp_path / "mine.safetensors")
+    capsys.readouterr()
+    load_backend("mini:soft")
+    assert mini.custom_stage("demo")
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "mini_soft.safetensors onto" in printed[0] and "your own pack" in printed[0]
+    load_backend("mini:soft")  # already on top of it
+    assert capsys.readouterr().out == ""
+    # unpacking the shipped mini:soft (`tars mini unpack --stage soft`, `tars demo`) brings the shipped chain
+    logs.clear()
+    mini.shipped_stage("soft", log=logs.append)
+    assert [l.split()[1] for l in logs] == ["mini_demo.safetensors", "mini_soft.safetensors"]
+    assert not mini.custom_stage("demo")
 
 
 def test_loading_a_stale_shipped_stage_unpacks_the_new_pack_but_keeps_a_custom_one(base, tmp_path, monkeypatch):

@@ -323,7 +323,8 @@ def mini_unpack(
     pack: Optional[Path] = typer.Option(None, help="A stage pack (default: the one shipped with tars). A stage "
                                                    "unpacked from your own pack stays mini:STAGE until you run "
                                                    "this again without --pack (or `tars demo`, which uses the "
-                                                   "shipped one)."),
+                                                   "shipped one); loading mini:soft over your own mini:demo "
+                                                   "puts soft on top of it."),
 ) -> None:
     """A shipped mini stage as a model folder, $TARS_HOME/mini/STAGE (`--model mini:STAGE`), from its pack.
 

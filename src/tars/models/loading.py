@@ -69,7 +69,7 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
     for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
         if path == mini_dir(name) and not custom_stage(name):  # made when missing or stale
-            shipped_stage(name)
+            shipped_stage(name, keep_custom=True)
     for name in SHIPPED_ADAPTERS:
         if path == mini_dir(name):
             shipped_adapter(name)

@@ -84,11 +84,13 @@ SHIPPED_STAGES = {"demo": ("mini_demo.safetensors", "base"), "soft": ("mini_soft
 
 
 @hf_progress_off()  # unpacking's load / save bars say nothing to a user
-def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
+def shipped_stage(name: str, pack: Path | None = None, log=print, keep_custom: bool = False) -> Path:
     """`mini:NAME` for a shipped stage: unpacked from `pack` (default: the one shipped with tars) onto
     its base stage once, and again when the pack changes — so it works on a fresh machine, and a tars
     that ships a new pack never loads the old one. The stamp (`PACK`) holds the digest, then the pack's
-    path when it is not the shipped one (`custom_stage`)."""
+    path when it is not the shipped one (`custom_stage`). The base stage is made the same way, except
+    that with `keep_custom` (loading a model, where nothing the user unpacked may be overwritten) a base
+    stage unpacked from the user's own pack stays, and this one goes on top of it."""
     import hashlib
 
     from tars.atomic import atomic_write_text
@@ -97,7 +99,10 @@ def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
     file, onto = SHIPPED_STAGES[name]
     custom = pack is not None and Path(pack).resolve() != (SHIPPED.parent / file).resolve()
     pack = find_pack(pack or SHIPPED.parent / file)
-    base = build_mini() if onto == "base" else shipped_stage(onto, log=log)
+    if onto == "base":
+        base = build_mini()
+    else:
+        base = mini_dir(onto) if keep_custom and custom_stage(onto) else shipped_stage(onto, log=log)
     out = mini_dir(name)
     digest = hashlib.sha256(pack.read_bytes()).hexdigest()[:16]
     if onto != "base":  # a new base stage (its own pack changed) means a new stage on top of it
@@ -105,7 +110,7 @@ def shipped_stage(name: str, pack: Path | None = None, log=print) -> Path:
     stamp = out / "PACK"
     if (out / "config.json").exists() and stamp.exists() and stamp.read_text().split()[:1] == [digest]:
         return out
-    log(f"unpacking {pack.name} onto {base} → {out}")
+    log(f"unpacking {pack.name} onto {base}{' (from your own pack)' if custom_stage(onto) else ''} → {out}")
     unpack_stage(pack, base, out)
     atomic_write_text(stamp, digest + (f" {pack.resolve()}" if custom else "") + "\n")
     return out
