@@ -89,6 +89,10 @@ def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
     assert 0.0 <= lo <= 50.0 <= hi <= 100.0
     base_row = next(l for l in lines if l.startswith("| tars − base |"))
     assert "| 2 vs 1 | speech | 4 | +37.5 |" in base_row  # tars (1, 1, .5, 0) − base (1, 0, 0, 0)
+    # seed to seed: tars_s1 (1, 1, 0, 0) − tars (1, 1, 1, 0), grpo_s1 (0, 0, 0, 0) − grpo (1, 0, 0, 0)
+    assert any(l.startswith("| tars_s1 − tars | 1 vs 1 | speech | 4 | -25.0 |") for l in lines)
+    assert any(l.startswith("| grpo_s1 − grpo | 1 vs 1 | speech | 4 | -25.0 |") for l in lines)
+    assert lines.index(next(l for l in lines if l.startswith("Seed to seed"))) > lines.index(base_row)
 
 
 def test_layer_plot_waits_for_grpo_and_tars_then_runs_once(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step w
 `runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
 LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
-bootstrap intervals (each question's correctness averaged over the seeds a row has). Once base, GRPO
+bootstrap intervals (each question's correctness averaged over the seeds a row has), and each
+further seed of a row against its seed 0 (the chance spread between runs). Once base, GRPO
 and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
 which the report shows.
 """
@@ -214,25 +215,48 @@ def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str
 
 def paired_lines(out: Path) -> list[str]:
     """Markdown: each comparison of `COMPARISONS` whose rows have predictions, as Δ accuracy (points) on
-    the same questions with a 95 % paired bootstrap interval (eval/metrics.py)."""
-    from tars.eval.metrics import paired_bootstrap
+    the same questions with a 95 % paired bootstrap interval (eval/metrics.py); then, for a trained row
+    with several seeds, each seed against seed 0 — how far two runs of one method land apart by chance,
+    the yardstick for a difference between methods."""
+    def evaluated(row: str) -> list[Path]:
+        return [f for f in row_folders(out, row) if (f / "eval" / "predictions.jsonl").exists()]
 
     rows = []
     for row, against in COMPARISONS:
-        a = [f for f in row_folders(out, row) if (f / "eval" / "predictions.jsonl").exists()]
-        b = [f for f in row_folders(out, against) if (f / "eval" / "predictions.jsonl").exists()]
-        if not a or not b:
-            continue
-        ca, cb = seed_mean_correct(a), seed_mean_correct(b)
-        for key in sorted(ca.keys() & cb.keys()):
-            ids = sorted(ca[key].keys() & cb[key].keys())
-            if ids:
-                d, lo, hi = paired_bootstrap([cb[key][i] for i in ids], [ca[key][i] for i in ids])
-                rows.append(f"| {row} − {against} | {len(a)} vs {len(b)} | {key[1]} | {len(ids)} | {100 * d:+.1f} | "
-                            f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
-    if not rows:
-        return []
-    return ["", "Paired differences on the same held-out questions (each question's correctness averaged over "
-            "a row's seeds), with 95 % bootstrap intervals (10,000 resamples of the questions):", "",
-            "| comparison | seeds | modality | n | Δ accuracy (points) | 95 % interval |",
-            "| --- | --- | --- | --- | --- | --- |"] + rows
+        a, b = evaluated(row), evaluated(against)
+        if a and b:
+            rows += _paired_rows(f"{row} − {against}", a, b)
+    seeds = []
+    for row in TRAINED:
+        folders = evaluated(row)
+        if folders and folders[0].name == row:  # seed 0 is evaluated: the others against it
+            for other in folders[1:]:
+                seeds += _paired_rows(f"{other.name} − {row}", [other], [folders[0]])
+    lines = []
+    if rows:
+        lines += ["", "Paired differences on the same held-out questions (each question's correctness averaged "
+                  "over a row's seeds), with 95 % bootstrap intervals (10,000 resamples of the questions):", "",
+                  *PAIRED_HEADER, *rows]
+    if seeds:
+        lines += ["", "Seed to seed: the same method run with another seed, on the same questions — how far two "
+                  "runs land apart by chance alone:", "", *PAIRED_HEADER, *seeds]
+    return lines
+
+
+PAIRED_HEADER = ("| comparison | seeds | modality | n | Δ accuracy (points) | 95 % interval |",
+                 "| --- | --- | --- | --- | --- | --- |")
+
+
+def _paired_rows(label: str, a: Sequence[Path], b: Sequence[Path]) -> list[str]:
+    """A table line per (dataset, modality) the two sides share: seed-averaged `a` − `b` with its interval."""
+    from tars.eval.metrics import paired_bootstrap
+
+    ca, cb = seed_mean_correct(a), seed_mean_correct(b)
+    lines = []
+    for key in sorted(ca.keys() & cb.keys()):
+        ids = sorted(ca[key].keys() & cb[key].keys())
+        if ids:
+            d, lo, hi = paired_bootstrap([cb[key][i] for i in ids], [ca[key][i] for i in ids])
+            lines.append(f"| {label} | {len(a)} vs {len(b)} | {key[1]} | {len(ids)} | {100 * d:+.1f} | "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
+    return lines
