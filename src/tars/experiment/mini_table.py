@@ -15,10 +15,10 @@ other questions' order, other rollouts). Each piece is resumable and skipped whe
 can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step writes
 `runs/mini_table/table.md` (+ the report page) from whatever rows have finished: per row speech / text
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
-LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and TARS − base as paired differences on the same questions with 95 %
-bootstrap intervals (each question's correctness averaged over the seeds a row has), and each
-further seed of a row against its seed 0 (the chance spread between runs). Once base, GRPO
-and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
+LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and
+TARS − base as paired differences on the same questions with 95 % bootstrap intervals (each
+question's correctness averaged over the seeds a row has), and each further seed of a row against its
+seed 0 (the chance spread between runs). Once base, GRPO and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
 which the report shows.
 """
 
