@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from tars.experiment.mini_table import row_cpu_minutes, row_minutes, write_table
+from tars.experiment.mini_table import report_evals, row_cpu_minutes, row_minutes, write_table
 
 
 def eval_dir(folder, speech=None, text=None, cascade=None, seconds=60.0):
@@ -93,6 +93,11 @@ def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
     assert any(l.startswith("| tars_s1 − tars | 1 vs 1 | speech | 4 | -25.0 |") for l in lines)
     assert any(l.startswith("| grpo_s1 − grpo | 1 vs 1 | speech | 4 | -25.0 |") for l in lines)
     assert lines.index(next(l for l in lines if l.startswith("Seed to seed"))) > lines.index(base_row)
+    # the report: every seed, then the row pooled over its seeds
+    ev = [str(e) for e in report_evals(tmp_path)]
+    assert ev[:3] == [str(tmp_path / r / "eval") for r in ("base", "grpo", "grpo_s1")]
+    assert ev[3] == f"grpo={tmp_path / 'grpo' / 'eval'},{tmp_path / 'grpo_s1' / 'eval'}"
+    assert ev[-1].startswith("tars=") and len(ev) == 7
 
 
 def test_layer_plot_waits_for_grpo_and_tars_then_runs_once(tmp_path, monkeypatch):

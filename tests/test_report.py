@@ -146,3 +146,54 @@ def test_forest_plot_puts_each_difference_on_its_own_line(monkeypatch):
     assert got == {("speech", 1.0): 2.12, ("text", -2.0): 2.0, ("speech", 3.0): 1.12, ("text", 4.0): 1.0,
                    ("cascade", 5.0): -0.12}
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["speech", "text", "cascade"]
+
+
+def test_a_group_of_seeds_is_one_row_and_one_side_of_the_paired_comparison(tmp_path):
+    """tars=s0,s1 against base. Speech by hand: base (1, 0, 0, 0); tars s0 (1, 1, 1, 0), s1 (1, 1, 0, 0):
+    per question (1, 1, ½, 0), so tars − base = mean(0, 1, ½, 0) = 37.5 points; the row shows the two
+    seeds' mean accuracy (75 + 50) / 2 and the mean of their MRRs."""
+    def folder(name, correct, sa, mrr):
+        f = tmp_path / name
+        f.mkdir()
+        (f / "metrics.json").write_text(json.dumps(eval_metrics(sa, 60.0, mrr) | {"model": name}))
+        rows = [{"dataset": "heldout", "modality": "speech", "id": f"q{i}", "answer": "A", "pred": "A" if c else "B"}
+                for i, c in enumerate(correct)]
+        (f / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return f
+
+    base = folder("base", (1, 0, 0, 0), 25.0, 40.0)
+    s0, s1 = folder("s0", (1, 1, 1, 0), 75.0, 120.0), folder("s1", (1, 1, 0, 0), 50.0, 80.0)
+    r = run_cli("report", base, f"tars={s0},{s1}", f"one={s1}", "--out", tmp_path / "rep")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| tars (mean of 2) | 62.5 | 60.0 | 62.5 | 60.0 | -2.5 | 100.0 |" in md
+    assert "| one | 50.0 | 60.0 |" in md
+    row = next(l for l in md.splitlines() if l.startswith("| tars (mean of 2) | heldout | speech |"))
+    assert "| 4 | +37.5 | [" in row
+    assert "| one | heldout | speech | 4 | +25.0 | [" in md  # s1 (1, 1, 0, 0) − base (1, 0, 0, 0)
+
+
+def test_mean_metrics_averages_numbers_and_drops_what_differs():
+    from tars.eval.report import mean_metrics
+
+    a = {"datasets": {"x": {"speech": {"accuracy": 40.0, "n": 10}}}, "gap": 5.0, "model": "a", "data": ["x"]}
+    b = {"datasets": {"x": {"speech": {"accuracy": 50.0, "n": 10}}}, "gap": 7.0, "model": "b", "data": ["x"]}
+    assert mean_metrics([a, b]) == {"datasets": {"x": {"speech": {"accuracy": 45.0, "n": 10.0}}}, "gap": 6.0,
+                                    "data": ["x"]}
+
+
+def test_a_bad_group_is_a_one_line_error(tmp_path):
+    f = tmp_path / "ev"
+    f.mkdir()
+    (f / "metrics.json").write_text(json.dumps(eval_metrics(50.0, 60.0)))
+    (f / "predictions.jsonl").write_text(json.dumps({"dataset": "heldout", "modality": "speech", "id": "q0",
+                                                     "answer": "A", "pred": "A"}) + "\n")
+    g = tmp_path / "no_preds"
+    g.mkdir()
+    (g / "metrics.json").write_text(json.dumps(eval_metrics(50.0, 60.0)))
+    for spec, message in ((f"tars={f},{tmp_path / 'nope'}", "nope: not an evaluation folder (no metrics.json), "
+                                                              "in the group tars"),
+                          ("tars=", "a group needs NAME=DIR,DIR"),
+                          (f"tars={f},{g}", "no_preds: no predictions.jsonl, which the other runs of its group have")):
+        r = run_cli("report", f, spec, "--out", tmp_path / "rep")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -546,13 +546,18 @@ def analyze_rewards(
 @app.command("report")
 def report_cmd(
     folders: list[Path] = typer.Argument(..., help="Eval folders (metrics.json), training runs (metrics.jsonl), "
-                                                   "layer analyses (layers.json)."),
+                                                   "layer analyses (layers.json); NAME=DIR,DIR,… pools one "
+                                                   "method's eval folders (its seeds) into one row, compared by "
+                                                   "each question's correctness averaged over them."),
     out: Path = typer.Option(..., "--out", help="Output folder: report.md, report.html and the PNGs."),
 ) -> None:
     """One page from evaluations, runs and layer analyses: the results table in the paper's layout
     (per benchmark A / T, Avg(A), Avg(T), gap, MRR), each evaluation against the first as a paired
     difference with its 95 % bootstrap interval (a table and a forest plot; put the baseline first),
-    training curves and the layer plot."""
+    training curves and the layer plot.
+
+    Several seeds of a method: `tars report base/eval tars=tars/eval,tars_s1/eval grpo=grpo/eval,grpo_s1/eval`.
+    """
     from tars.eval.report import build_report
 
     path = build_report(folders, out)

@@ -112,14 +112,32 @@ def correct_by_question(rows: Iterable[dict]) -> dict[tuple[str, str], dict[str,
     return out
 
 
+def mean_correct_by_question(runs: Sequence[Iterable[dict]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (dataset, modality), each question's correctness averaged over `runs` (the predictions of one
+    method's seeds: 0, ½ or 1 for two), over the questions every run answered. Comparing methods on these
+    averages pools their seeds question by question instead of picking one run of each."""
+    per: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for rows in runs:
+        for key, ids in correct_by_question(rows).items():
+            for i, c in ids.items():
+                per[key][i].append(c)
+    return {key: {i: sum(v) / len(v) for i, v in ids.items() if len(v) == len(runs)} for key, ids in per.items()}
+
+
 def paired_accuracy_differences(base: Iterable[dict], other: Iterable[dict], **kw) -> dict[tuple[str, str], dict]:
     """Per (dataset, modality) that both prediction sets hold: accuracy of `other` minus `base` in points
     over the questions both answered (matched by id), with its 95 % paired bootstrap interval."""
-    a, b = correct_by_question(base), correct_by_question(other)
+    return paired_correct_differences(correct_by_question(base), correct_by_question(other), **kw)
+
+
+def paired_correct_differences(base: dict[tuple[str, str], dict[str, float]],
+                               other: dict[tuple[str, str], dict[str, float]], **kw) -> dict[tuple[str, str], dict]:
+    """`paired_accuracy_differences` over per-question correctness already computed
+    (`correct_by_question`, or `mean_correct_by_question` for several seeds)."""
     result = {}
-    for key in sorted(a.keys() & b.keys()):
-        ids = sorted(a[key].keys() & b[key].keys())
+    for key in sorted(base.keys() & other.keys()):
+        ids = sorted(base[key].keys() & other[key].keys())
         if ids:
-            mean, lo, hi = paired_bootstrap([a[key][i] for i in ids], [b[key][i] for i in ids], **kw)
+            mean, lo, hi = paired_bootstrap([base[key][i] for i in ids], [other[key][i] for i in ids], **kw)
             result[key] = {"n": len(ids), "diff": 100 * mean, "lo": 100 * lo, "hi": 100 * hi}
     return result

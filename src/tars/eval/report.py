@@ -2,7 +2,8 @@
 
 Each input folder is recognised by what it holds: `metrics.json` (a `tars eval` folder → a row of the
 results table), `metrics.jsonl` (a `tars train` run → training curves), `layers.json` (a `tars analyze
-layers` folder → the layer plot). The results table has the paper's layout: per benchmark speech (A)
+layers` folder → the layer plot); `NAME=DIR,DIR,…` pools one method's evaluations (its seeds) into one
+row and one side of each paired comparison. The results table has the paper's layout: per benchmark speech (A)
 and text (T) accuracy, then Avg(A), Avg(T), gap and MRR (when the evaluation was given the backbone's
 text accuracy). Figures are PNGs beside the page; the HTML embeds them, so it travels as one file.
 """
@@ -67,23 +68,58 @@ def predictions(folder: Path) -> list[dict] | None:
         raise UserError(f"{p}: not valid JSON ({e})") from None
 
 
-def paired_differences(eval_dirs: dict[str, Path]) -> list[tuple[str, str, str, dict]]:
+def paired_differences(eval_dirs: dict[str, Path | Sequence[Path]]) -> list[tuple[str, str, str, dict]]:
     """(model, benchmark, modality, difference) for each evaluation against the first one, on the
     questions both answered: the accuracy difference in points and its 95 % paired bootstrap interval
     (eval/metrics.py). Two accuracies a few points apart on a few hundred questions can be noise; the
-    interval says whether they are."""
-    from tars.eval.metrics import paired_accuracy_differences
+    interval says whether they are. An entry with several folders (a method's seeds) is compared by
+    each question's correctness averaged over them."""
+    from tars.eval.metrics import mean_correct_by_question, paired_correct_differences
+
+    def correct(dirs: Path | Sequence[Path]) -> dict | None:
+        dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
+        runs = [predictions(d) for d in dirs]
+        if all(r is None for r in runs):
+            return None
+        if any(r is None for r in runs):
+            missing = next(d for d, r in zip(dirs, runs) if r is None)
+            raise UserError(f"{missing}: no predictions.jsonl, which the other runs of its group have")
+        return mean_correct_by_question(runs)
 
     names = list(eval_dirs)
-    base = predictions(eval_dirs[names[0]]) if names else None
+    base = correct(eval_dirs[names[0]]) if names else None
     if base is None or len(names) < 2:
         return []
     out = []
     for name in names[1:]:
-        other = predictions(eval_dirs[name])
+        other = correct(eval_dirs[name])
         if other is not None:
-            out += [(name, ds, mod, d) for (ds, mod), d in paired_accuracy_differences(base, other).items()]
+            out += [(name, ds, mod, d) for (ds, mod), d in paired_correct_differences(base, other).items()]
     return out
+
+
+def mean_metrics(ms: Sequence[dict]) -> dict:
+    """Several evaluations' `metrics.json` as one: every number they all have, averaged (accuracy per
+    benchmark and modality, averages, gap, MRR, per subject); what differs and is not a number, dropped."""
+    first = ms[0]
+    if all(isinstance(m, dict) for m in ms):
+        return {k: v for k in first if all(k in m for m in ms)
+                for v in [mean_metrics([m[k] for m in ms])] if v is not None}
+    if all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in ms):
+        return sum(ms) / len(ms)
+    return first if all(m == first for m in ms) else None
+
+
+def parse_group(spec: str) -> tuple[str, list[Path]] | None:
+    """`NAME=DIR,DIR,…` (a method's runs, e.g. its seeds, reported as one row) → (NAME, folders); None for
+    anything else."""
+    name, sep, dirs = spec.partition("=")
+    if not sep or not name or "/" in name:
+        return None
+    folders = [Path(d) for d in dirs.split(",") if d]
+    if not folders:
+        raise UserError(f"{spec}: a group needs NAME=DIR,DIR,… with at least one evaluation folder")
+    return name, folders
 
 
 def paired_section(against: str, diffs: list[tuple[str, str, str, dict]]) -> list[str]:
@@ -189,12 +225,28 @@ def figure_png(fig) -> bytes:
 
 
 def build_report(folders: Sequence[str | Path], out: Path) -> Path:
+    """The page from `folders` (each recognised by what it holds, or `NAME=DIR,DIR,…` for one method's
+    evaluations pooled: a results row of their means, compared seed-averaged question by question)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evals: dict[str, dict] = {}
-    eval_dirs: dict[str, Path] = {}
+    eval_dirs: dict[str, Path | list[Path]] = {}
     figures: list[tuple[str, str, str]] = []  # (caption, file name, note under it)
     for f in map(Path, folders):
+        group = None if f.is_dir() else parse_group(str(f))
+        if group:
+            name, members = group
+            ms = []
+            for m in members:
+                if not (m / "metrics.json").exists():
+                    raise UserError(f"{m}: not an evaluation folder (no metrics.json), in the group {name}")
+                try:
+                    ms.append(json.loads((m / "metrics.json").read_text()))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{m / 'metrics.json'}: not valid JSON ({e})") from None
+            label = name if len(members) == 1 else f"{name} (mean of {len(members)})"
+            evals[label], eval_dirs[label] = mean_metrics(ms), members
+            continue
         if not f.is_dir():
             raise UserError(f"{f}: not a folder (expected an eval folder, a training run or a layers analysis)")
         found = False

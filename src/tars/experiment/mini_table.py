@@ -72,11 +72,22 @@ def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS
                     run_eval(EvalConfig(model=model, data=[data], out=str(folder / name), modalities=mods,
                                         limit=limit), progress=progress)
     table = write_table(out)
-    done = [f / "eval" for f in row_folders(out) if (f / "eval" / "metrics.json").exists()]
     runs = [f for r in TRAINED for f in row_folders(out, r) if (f / "metrics.jsonl").exists()]
     layers = layer_plot(out, str(heldout), base_model, progress)
-    build_report(done + runs + ([layers] if layers else []), out / "report")
+    build_report(report_evals(out) + runs + ([layers] if layers else []), out / "report")
     return table
+
+
+def report_evals(out: Path) -> list[str | Path]:
+    """What the report compares with base: every finished row's evaluation, and a row with several seeds
+    also pooled (`NAME=DIR,DIR`: its mean, compared seed-averaged like table.md)."""
+    evals: list[str | Path] = []
+    for row in ROWS:
+        done = [f / "eval" for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
+        evals += done
+        if len(done) > 1:
+            evals.append(f"{row}={','.join(map(str, done))}")
+    return evals
 
 
 def layer_plot(out: Path, heldout: str, base_model: str, progress: bool = True) -> Path | None:
@@ -196,21 +207,17 @@ def _minutes(m: float | None) -> str:
 def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str, float]]:
     """Per (dataset, modality) and question id: the share of `folders`' evaluations (one per seed) that
     answered it right — only questions every seed answered."""
-    from collections import defaultdict
-
     from tars.errors import UserError
-    from tars.eval.metrics import correct_by_question
+    from tars.eval.metrics import mean_correct_by_question
     from tars.eval.report import predictions
 
-    per: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    runs = []
     for folder in folders:
         rows = predictions(folder / "eval")
         if rows is None:
             raise UserError(f"{folder / 'eval'}: no predictions.jsonl to compare")
-        for key, ids in correct_by_question(rows).items():
-            for i, c in ids.items():
-                per[key][i].append(c)
-    return {key: {i: sum(v) / len(v) for i, v in ids.items() if len(v) == len(folders)} for key, ids in per.items()}
+        runs.append(rows)
+    return mean_correct_by_question(runs)
 
 
 def paired_lines(out: Path) -> list[str]:
@@ -249,14 +256,8 @@ PAIRED_HEADER = ("| comparison | seeds | modality | n | Δ accuracy (points) | 9
 
 def _paired_rows(label: str, a: Sequence[Path], b: Sequence[Path]) -> list[str]:
     """A table line per (dataset, modality) the two sides share: seed-averaged `a` − `b` with its interval."""
-    from tars.eval.metrics import paired_bootstrap
+    from tars.eval.metrics import paired_correct_differences
 
-    ca, cb = seed_mean_correct(a), seed_mean_correct(b)
-    lines = []
-    for key in sorted(ca.keys() & cb.keys()):
-        ids = sorted(ca[key].keys() & cb[key].keys())
-        if ids:
-            d, lo, hi = paired_bootstrap([cb[key][i] for i in ids], [ca[key][i] for i in ids])
-            lines.append(f"| {label} | {len(a)} vs {len(b)} | {key[1]} | {len(ids)} | {100 * d:+.1f} | "
-                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
-    return lines
+    return [f"| {label} | {len(a)} vs {len(b)} | {key[1]} | {d['n']} | {d['diff']:+.1f} | "
+            f"[{d['lo']:+.1f}, {d['hi']:+.1f}] |"
+            for key, d in paired_correct_differences(seed_mean_correct(b), seed_mean_correct(a)).items()]
