@@ -180,3 +180,19 @@ def test_paired_accuracy_differences_match_questions_by_id():
     got = paired_accuracy_differences(base, other)
     assert list(got) == [("d", "speech")]  # text only in one set; q9 only in one set
     assert got[("d", "speech")]["n"] == 3 and got[("d", "speech")]["diff"] == pytest.approx(200 / 3)
+
+
+def test_mean_correct_by_question_pools_seeds_over_the_questions_all_answered():
+    from tars.eval.metrics import mean_correct_by_question, paired_correct_differences
+
+    def rows(preds):
+        return [{"dataset": "d", "modality": "speech", "id": i, "answer": "A", "pred": p} for i, p in preds.items()]
+
+    s0 = rows({"q1": "A", "q2": "A", "q3": None, "q4": "A"})
+    s1 = rows({"q1": "A", "q2": "B", "q3": "B"})  # q4 not answered by this seed: left out
+    pooled = mean_correct_by_question([s0, s1])
+    assert pooled == {("d", "speech"): {"q1": 1.0, "q2": 0.5, "q3": 0.0}}
+    base = mean_correct_by_question([rows({"q1": "B", "q2": "B", "q3": "B"})])
+    # pooled − base per question (1, ½, 0): 50 points over 3 questions
+    d = paired_correct_differences(base, pooled)[("d", "speech")]
+    assert d["n"] == 3 and d["diff"] == pytest.approx(50.0) and d["lo"] <= 50.0 <= d["hi"]
