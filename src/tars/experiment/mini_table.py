@@ -18,8 +18,9 @@ accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment
 LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and
 TARS − base as paired differences on the same questions with 95 % bootstrap intervals (each
 question's correctness averaged over the seeds a row has), and each further seed of a row against its
-seed 0 (the chance spread between runs). Once base, GRPO and TARS (seed 0) are finished, `layers/` holds their speech-vs-text cosine per layer (`layer_plot`),
-which the report shows.
+seed 0 (the chance spread between runs). Once base, GRPO and TARS (seed 0) are finished, `layers/`
+holds their speech-vs-text cosine per layer (`layer_plot`), which the report shows beside every
+row's evaluation (a row with several seeds also pooled).
 """
 
 from __future__ import annotations
