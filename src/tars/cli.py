@@ -556,7 +556,8 @@ def report_cmd(
     difference with its 95 % bootstrap interval (a table and a forest plot; put the baseline first),
     training curves and the layer plot.
 
-    Several seeds of a method: `tars report base/eval tars=tars/eval,tars_s1/eval grpo=grpo/eval,grpo_s1/eval`.
+    Several seeds of a method: `tars report base/eval tars=tars/eval,tars_s1/eval grpo=grpo/eval,grpo_s1/eval
+    --out rep`.
     """
     from tars.eval.report import build_report
 
