@@ -74,33 +74,39 @@ def paired_differences(eval_dirs: dict[str, Path | Sequence[Path]]) -> list[tupl
     (eval/metrics.py). Two accuracies a few points apart on a few hundred questions can be noise; the
     interval says whether they are. An entry with several folders (a method's seeds) is compared by
     each question's correctness averaged over them."""
-    from tars.eval.metrics import mean_correct_by_question, paired_correct_differences
-
-    def correct(dirs: Path | Sequence[Path]) -> dict | None:
-        dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
-        runs = [predictions(d) for d in dirs]
-        if all(r is None for r in runs):
-            return None
-        if any(r is None for r in runs):
-            missing = next(d for d, r in zip(dirs, runs) if r is None)
-            raise UserError(f"{missing}: no predictions.jsonl, which the other runs of its group have")
-        return mean_correct_by_question(runs)
+    from tars.eval.metrics import paired_correct_differences
 
     names = list(eval_dirs)
-    base = correct(eval_dirs[names[0]]) if names else None
+    base = pooled_correct(eval_dirs[names[0]]) if names else None
     if base is None or len(names) < 2:
         return []
     out = []
     for name in names[1:]:
-        other = correct(eval_dirs[name])
+        other = pooled_correct(eval_dirs[name])
         if other is not None:
             out += [(name, ds, mod, d) for (ds, mod), d in paired_correct_differences(base, other).items()]
     return out
 
 
-def mean_metrics(ms: Sequence[dict]) -> dict:
-    """Several evaluations' `metrics.json` as one: every number they all have, averaged (accuracy per
-    benchmark and modality, averages, gap, MRR, per subject); what differs and is not a number, dropped."""
+def pooled_correct(dirs: Path | Sequence[Path]) -> dict[tuple[str, str], dict[str, float]] | None:
+    """Each question's correctness averaged over the evaluation folders `dirs` (one method's seeds;
+    `metrics.mean_correct_by_question`); None when none of them kept its predictions."""
+    from tars.eval.metrics import mean_correct_by_question
+
+    dirs = [dirs] if isinstance(dirs, Path) else list(dirs)
+    runs = [predictions(d) for d in dirs]
+    if all(r is None for r in runs):
+        return None
+    if any(r is None for r in runs):
+        missing = next(d for d, r in zip(dirs, runs) if r is None)
+        raise UserError(f"{missing}: no predictions.jsonl, which the other runs of its group have")
+    return mean_correct_by_question(runs)
+
+
+def mean_metrics(ms: Sequence):
+    """Several evaluations' `metrics.json` (or any part of them: a modality's dict, one number) as one:
+    every number they all have, averaged (accuracy per benchmark and modality, averages, gap, MRR, per
+    subject); what differs and is not a number, dropped (None at the top)."""
     first = ms[0]
     if all(isinstance(m, dict) for m in ms):
         return {k: v for k in first if all(k in m for m in ms)

@@ -84,7 +84,7 @@ def report_evals(out: Path) -> list[str | Path]:
     also pooled (`NAME=DIR,DIR`: its mean, compared seed-averaged like table.md)."""
     evals: list[str | Path] = []
     for row in ROWS:
-        done = [f / "eval" for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
+        done = [f / "eval" for f in evaluated(out, row)]
         evals += done
         if len(done) > 1:
             evals.append(f"{row}={','.join(map(str, done))}")
@@ -146,9 +146,16 @@ def row_folders(out: Path, row: str | None = None) -> list[Path]:
     return found
 
 
+def evaluated(out: Path, row: str, file: str = "metrics.json") -> list[Path]:
+    """The folders of `row` (seed 0 first) whose evaluation has written `file`."""
+    return [f for f in row_folders(out, row) if (f / "eval" / file).exists()]
+
+
 def write_table(out: Path) -> Path:
     """The table from every finished row (accuracy %; A = speech, or the transcript for the cascade),
     a line per seed and, for several, their mean; then the paired differences of `COMPARISONS`."""
+    from tars.eval.report import mean_metrics
+
     lines = ["| row | held-out A | held-out T | gap | MRR % | unparseable A % | OpenBookQA A | OpenBookQA T | wall min "
              "| CPU min |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -172,7 +179,7 @@ def write_table(out: Path) -> Path:
 
     _, backbone = acc(out / "base" / "eval", "base")
     for row in ROWS:
-        folders = [f for f in row_folders(out, row) if (f / "eval" / "metrics.json").exists()]
+        folders = evaluated(out, row)
         if not folders:
             lines.append(f"| {row} | not run | | | | | | | | |")
         seeds = []
@@ -181,24 +188,11 @@ def write_table(out: Path) -> Path:
                           row_cpu_minutes(folder)))
             lines.append(line(folder.name, *seeds[-1]))
         if len(seeds) > 1:  # what the paired differences below compare: the row averaged over its seeds
-            lines.append(line(f"{row} (mean of {len(seeds)} seeds)", *_mean_over_seeds(seeds)))
+            lines.append(line(f"{row} (mean of {len(seeds)} seeds)", *map(mean_metrics, zip(*seeds))))
     lines += paired_lines(out)
     path = out / "table.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-def _mean_over_seeds(seeds: list[tuple]) -> list:
-    """Each column of a row's seed lines averaged: an accuracy dict (accuracy, unparseable) only where
-    every seed has it, minutes likewise."""
-    def mean(values: list) -> dict | float | None:
-        if any(v is None for v in values):
-            return None
-        if isinstance(values[0], dict):
-            return {k: sum(v[k] for v in values) / len(values) for k in ("accuracy", "unparseable")}
-        return sum(values) / len(values)
-
-    return [mean(list(column)) for column in zip(*seeds)]
 
 
 def _minutes(m: float | None) -> str:
@@ -209,16 +203,12 @@ def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str
     """Per (dataset, modality) and question id: the share of `folders`' evaluations (one per seed) that
     answered it right — only questions every seed answered."""
     from tars.errors import UserError
-    from tars.eval.metrics import mean_correct_by_question
-    from tars.eval.report import predictions
+    from tars.eval.report import pooled_correct
 
-    runs = []
-    for folder in folders:
-        rows = predictions(folder / "eval")
-        if rows is None:
-            raise UserError(f"{folder / 'eval'}: no predictions.jsonl to compare")
-        runs.append(rows)
-    return mean_correct_by_question(runs)
+    pooled = pooled_correct([f / "eval" for f in folders])
+    if pooled is None:
+        raise UserError(f"{folders[0] / 'eval'}: no predictions.jsonl to compare")
+    return pooled
 
 
 def paired_lines(out: Path) -> list[str]:
@@ -226,17 +216,17 @@ def paired_lines(out: Path) -> list[str]:
     the same questions with a 95 % paired bootstrap interval (eval/metrics.py); then, for a trained row
     with several seeds, each seed against seed 0 — how far two runs of one method land apart by chance,
     the yardstick for a difference between methods."""
-    def evaluated(row: str) -> list[Path]:
-        return [f for f in row_folders(out, row) if (f / "eval" / "predictions.jsonl").exists()]
+    def kept(row: str) -> list[Path]:
+        return evaluated(out, row, "predictions.jsonl")
 
     rows = []
     for row, against in COMPARISONS:
-        a, b = evaluated(row), evaluated(against)
+        a, b = kept(row), kept(against)
         if a and b:
             rows += _paired_rows(f"{row} − {against}", a, b)
     seeds = []
     for row in TRAINED:
-        folders = evaluated(row)
+        folders = kept(row)
         if folders and folders[0].name == row:  # seed 0 is evaluated: the others against it
             for other in folders[1:]:
                 seeds += _paired_rows(f"{other.name} − {row}", [other], [folders[0]])
