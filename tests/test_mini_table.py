@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from tars.experiment.mini_table import report_evals, row_cpu_minutes, row_minutes, write_table
+from tars.experiment.mini_table import report_evals, row_cpu_minutes, row_minutes, write_report, write_table
 
 
 def eval_dir(folder, speech=None, text=None, cascade=None, seconds=60.0):
@@ -60,8 +60,9 @@ def predictions(folder, correct_ids, ids=("q0", "q1", "q2", "q3"), modality="spe
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     acc = 100 * len(correct_ids) / len(ids)
     m = folder / "eval" / "metrics.json"
-    d = json.loads(m.read_text()) if m.exists() else {"datasets": {"heldout": {}}, "seconds": {}}
+    d = json.loads(m.read_text()) if m.exists() else {"datasets": {"heldout": {}}, "average": {}, "seconds": {}}
     d["datasets"]["heldout"][modality] = {"accuracy": acc, "unparseable": 0.0}
+    d["average"][modality] = acc
     m.write_text(json.dumps(d))
 
 
@@ -98,6 +99,9 @@ def test_seeded_rows_and_paired_differences_averaged_over_seeds(tmp_path):
     assert ev[:3] == [str(tmp_path / r / "eval") for r in ("base", "grpo", "grpo_s1")]
     assert ev[3] == f"grpo={tmp_path / 'grpo' / 'eval'},{tmp_path / 'grpo_s1' / 'eval'}"
     assert ev[-1].startswith("tars=") and len(ev) == 7
+    # ... and its MRR, like table.md's, against base's text accuracy (75): tars_s1 50 / 75
+    md = write_report(tmp_path).read_text()
+    assert "| tars_s1 | 50.0 | – | 50.0 | – | – | 66.7 |" in md and "(75.0 %, given to the report)" in md
 
 
 def test_layer_plot_waits_for_grpo_and_tars_then_runs_once(tmp_path, monkeypatch):

@@ -36,6 +36,29 @@ def test_results_table_in_the_papers_layout():
     assert lines[3] == "| tars | 60.0 | 66.0 | 60.0 | 66.0 | 6.0 | – |"
 
 
+def test_a_backbone_given_to_the_report_is_every_row_s_mrr_denominator():
+    # 56.5 / 80 = 70.625 (its stored 85.0 came from another backbone figure); 60 / 80 = 75.
+    lines = results_table({"base": eval_metrics(56.5, 66.5, 85.0), "tars": eval_metrics(60.0, 66.0)},
+                          backbone_text=80.0)
+    assert lines[2] == "| base | 56.5 | 66.5 | 56.5 | 66.5 | 10.0 | 70.6 |"
+    assert lines[3] == "| tars | 60.0 | 66.0 | 60.0 | 66.0 | 6.0 | 75.0 |"
+
+
+def test_report_backbone_text_from_an_eval_folder_and_a_bad_one(tmp_path):
+    ev, _ = make_fixture(tmp_path)
+    backbone = tmp_path / "backbone_eval"
+    backbone.mkdir()
+    (backbone / "metrics.json").write_text(json.dumps(eval_metrics(30.0, 80.0)))
+    r = run_cli("report", ev, "--out", tmp_path / "rep", "--backbone-text", backbone)
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| eval_base | 56.5 | 66.5 | 56.5 | 66.5 | 10.0 | 70.6 |" in md  # 56.5 / 80, not its stored 85.0
+    assert "(80.0 %, given to the report)" in md
+    r = run_cli("report", ev, "--out", tmp_path / "rep2", "--backbone-text", "0")
+    assert r.returncode != 0 and "--backbone-text: 0.0 is not an accuracy" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_report_from_an_eval_and_a_run(tmp_path):
     ev, run = make_fixture(tmp_path)
     r = run_cli("report", ev, run, "--out", tmp_path / "rep")

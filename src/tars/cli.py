@@ -550,6 +550,9 @@ def report_cmd(
                                                    "method's eval folders (its seeds) into one row, compared by "
                                                    "each question's correctness averaged over them."),
     out: Path = typer.Option(..., "--out", help="Output folder: report.md, report.html and the PNGs."),
+    backbone_text: Optional[str] = typer.Option(
+        None, help="For every row's MRR: the original text backbone's average text accuracy (%), or its eval "
+                   "folder. Without it, each row shows the MRR its own evaluation stored (– if none)."),
 ) -> None:
     """One page from evaluations, runs and layer analyses: the results table in the paper's layout
     (per benchmark A / T, Avg(A), Avg(T), gap, MRR), each evaluation against the first as a paired
@@ -559,9 +562,11 @@ def report_cmd(
     Several seeds of a method: `tars report base/eval tars=tars/eval,tars_s1/eval grpo=grpo/eval,grpo_s1/eval
     --out rep`.
     """
+    from tars.eval.metrics import backbone_text_accuracy
     from tars.eval.report import build_report
 
-    path = build_report(folders, out)
+    backbone = backbone_text_accuracy(backbone_text) if backbone_text is not None else None
+    path = build_report(folders, out, backbone)
     typer.echo(f"wrote {path} and {path.with_suffix('.html')}")
 
 

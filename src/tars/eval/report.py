@@ -35,8 +35,11 @@ TRAINING_NOTE = ("Per step, over that step's sampled rollouts (at the run's temp
                  "the part that can move an advantage). The results table above is greedy decoding, in %.")
 
 
-def results_table(evals: dict[str, dict]) -> list[str]:
-    """Markdown lines: one row per evaluation, the paper's columns."""
+def results_table(evals: dict[str, dict], backbone_text: float | None = None) -> list[str]:
+    """Markdown lines: one row per evaluation, the paper's columns. With `backbone_text` every row's MRR
+    is computed against that one figure (so rows evaluated without it, or against another, are
+    comparable); without it, each row shows the MRR its evaluation stored."""
+    from tars.eval.metrics import mrr
     benches = sorted({ds for m in evals.values() for ds in m["datasets"]})
     head = ["model"] + [f"{b} {k}" for b in benches for k in ("A", "T")] + ["Avg(A)", "Avg(T)", "Gap", "MRR"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -51,8 +54,9 @@ def results_table(evals: dict[str, dict]) -> list[str]:
             heard = d.get("speech", d.get("cascade", {}))  # the cascade's A is its transcript condition
             cells += [cell(heard.get("accuracy")), cell(d.get("text", {}).get("accuracy"))]
         avg = m.get("average", {})
-        cells += [cell(avg.get("speech", avg.get("cascade"))), cell(avg.get("text")), cell(m.get("gap")),
-                  cell(m.get("mrr"))]
+        heard = avg.get("speech", avg.get("cascade"))
+        row_mrr = m.get("mrr") if backbone_text is None else None if heard is None else mrr(heard, backbone_text)
+        cells += [cell(heard), cell(avg.get("text")), cell(m.get("gap")), cell(row_mrr)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -230,9 +234,10 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def build_report(folders: Sequence[str | Path], out: Path) -> Path:
+def build_report(folders: Sequence[str | Path], out: Path, backbone_text: float | None = None) -> Path:
     """The page from `folders` (each recognised by what it holds, or `NAME=DIR,DIR,…` for one method's
-    evaluations pooled: a results row of their means, compared seed-averaged question by question)."""
+    evaluations pooled: a results row of their means, compared seed-averaged question by question);
+    `backbone_text` (%), when given, is the MRR denominator of every row."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evals: dict[str, dict] = {}
@@ -286,9 +291,11 @@ def build_report(folders: Sequence[str | Path], out: Path) -> Path:
 
     md = ["# tars report", ""]
     if evals:
+        given = (f"{backbone_text:.1f} %, given to the report" if backbone_text is not None
+                 else "– where the evaluation had no backbone figure")
         md += ["## Results", "", "Accuracy % from speech (A) and text (T); Gap = Avg(T) − Avg(A); MRR = Avg(A) / "
-               "the text backbone's Avg(T) (– where the evaluation had no backbone figure).", ""]
-        md += results_table(evals) + [""]
+               f"the text backbone's Avg(T) ({given}).", ""]
+        md += results_table(evals, backbone_text) + [""]
         diffs, against = paired_differences(eval_dirs), next(iter(eval_dirs))
         if diffs:
             atomic_write_bytes(out / "paired.png", plot_paired(against, diffs))

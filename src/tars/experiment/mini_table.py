@@ -51,7 +51,6 @@ def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS
               obqa: int = 0, progress: bool = True, seeds: Sequence[int] = (0,)) -> Path:
     from tars.config import load_config
     from tars.eval.evaluate import EvalConfig, run_eval
-    from tars.eval.report import build_report
     from tars.rl.tars import TarsConfig
     from tars.rl.tars import run as train
 
@@ -73,10 +72,20 @@ def run_table(config: Path, heldout: Path, out: Path, rows: Sequence[str] = ROWS
                     run_eval(EvalConfig(model=model, data=[data], out=str(folder / name), modalities=mods,
                                         limit=limit), progress=progress)
     table = write_table(out)
-    runs = [f for r in TRAINED for f in row_folders(out, r) if (f / "metrics.jsonl").exists()]
-    layers = layer_plot(out, str(heldout), base_model, progress)
-    build_report(report_evals(out) + runs + ([layers] if layers else []), out / "report")
+    write_report(out, layer_plot(out, str(heldout), base_model, progress))
     return table
+
+
+def write_report(out: Path, layers: Path | None = None) -> Path:
+    """`tars report` of every finished row, its training curves and the layer plot, with every row's MRR
+    against the base row's text accuracy, as in table.md."""
+    from tars.eval.metrics import backbone_text_accuracy
+    from tars.eval.report import build_report
+
+    runs = [f for r in TRAINED for f in row_folders(out, r) if (f / "metrics.jsonl").exists()]
+    base_eval = out / "base" / "eval"
+    backbone = backbone_text_accuracy(str(base_eval)) if (base_eval / "metrics.json").exists() else None
+    return build_report(report_evals(out) + runs + ([layers] if layers else []), out / "report", backbone)
 
 
 def report_evals(out: Path) -> list[str | Path]:
