@@ -91,6 +91,19 @@ def test_make_excludes_questions_of_other_sets(tmp_path):
     assert len(got) == 30 and not seen & set(got)
 
 
+def test_make_excludes_a_named_set(tmp_path):
+    """`--exclude mini:heldout` reads the named set, as every other data argument does."""
+    import json
+
+    from tars.data.mini_sets import mini_set_file
+    held = tmp_path / "held.jsonl"
+    res = run_cli("data", "make", "--family", "all", "--n", "40", "--exclude", "mini:heldout", "--out", held)
+    assert res.returncode == 0, res.stderr
+    seen = {json.loads(l)["question"] for l in mini_set_file("heldout").read_text().splitlines()}
+    got = [json.loads(l)["question"] for l in held.read_text().splitlines()]
+    assert len(got) == 40 and not seen & set(got)
+
+
 def test_help_starts_with_the_demo():
     out = run_cli("--help").stdout
     assert "Start with `tars demo`" in " ".join(out.split())

@@ -55,6 +55,15 @@ def test_layer_sets_are_all_the_thirds_and_the_last():
                               "middle": list(range(11, 21)), "deep": list(range(21, 31)), "last": [30]}
 
 
+def test_layer_sets_cut_the_thirds_as_the_trainer_s_layer_groups():
+    # 28 layers (Qwen2): the paper's fixed 1-10 / 11-20 / 21-28 by default, equal thirds when asked
+    paper, thirds = layer_sets(28), layer_sets(28, "equal_thirds")
+    assert paper["middle"] == list(range(11, 21)) and paper["deep"] == list(range(21, 29))
+    assert thirds["middle"] == list(range(11, 20)) and thirds["deep"] == list(range(20, 29))
+    # a group the model lacks is left out rather than failing the analysis
+    assert list(layer_sets(4)) == ["all", "shallow", "last"] and layer_sets(4)["shallow"] == [1, 2, 3, 4]
+
+
 @needs_espeak
 def test_analyze_rewards_on_a_tiny_model_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
     from lively import make_lively
@@ -63,6 +72,12 @@ def test_analyze_rewards_on_a_tiny_model_resumes_and_refuses_other_settings(tmp_
 
     make_lively(monkeypatch.setattr)  # rollouts that stop, an accuracy that varies
     monkeypatch.setattr(accuracy, "accuracy_reward", lambda texts, o, a: [float(sum(t.encode()) % 2) for t in texts])
+    from tars.rewards.alignment import SentenceEmbedder
+
+    strip_args = []
+    embed = SentenceEmbedder.embed_completions
+    monkeypatch.setattr(SentenceEmbedder, "embed_completions",
+                        lambda self, c, strip_tags=True: strip_args.append(strip_tags) or embed(self, c, strip_tags))
     model = tiny_qwen2_audio(tmp_path / "m", window_s=20.0)
     data = tmp_path / "q.jsonl"
     write_jsonl(data, [good_row(i, question=f"What is {i} plus 2?") for i in range(3)])
@@ -72,9 +87,11 @@ def test_analyze_rewards_on_a_tiny_model_resumes_and_refuses_other_settings(tmp_
     assert [g["id"] for g in groups] == ["q0", "q1"] and all(len(g["acc"]) == 3 for g in groups)
     assert res["questions"] == 2 and res["with_reference"] == sum(g["reference"] is not None for g in groups)
     assert res["with_reference"] > 0  # the lively accuracy gives some question a correct text rollout
+    # the paper's layer groups on a 4-layer model: shallow is 1-4, middle (11-20) and deep (21-30) don't exist
     assert set(res["rewards"]) == {"R_acc", "R_fmt", "R_beh"} | {f"R_rep {p} / {k}" for p in ("mean", "last")
-                                                                 for k in ("all", "shallow", "middle", "deep", "last")}
+                                                                 for k in ("all", "shallow", "last")}
     assert all(-1.0 <= v <= 1.0 for g in groups if g["rep"] for r in g["rep"].values() for v in r)
+    assert strip_args and not any(strip_args)  # R_beh on the text as generated, as the trainer's default
     # a kill cut the last line in half; one more question asked: the whole line is read back, the cut
     # question and the new one are sampled
     text = (out / "groups.jsonl").read_text()
@@ -87,9 +104,19 @@ def test_analyze_rewards_on_a_tiny_model_resumes_and_refuses_other_settings(tmp_
 
     with pytest.raises(UserError, match="rollouts=3 \\(now 4\\)"):
         run_reward_signal(str(model), str(data), out, questions=3, rollouts=4, max_new_tokens=8, progress=False)
+    # a folder from before the reward settings were recorded was made with stripped tags: not resumed
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["beh_strip_tags"] is False and settings["layer_groups"] == "paper"
+    del settings["beh_strip_tags"], settings["layer_groups"], settings["embedder"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="beh_strip_tags=True \\(now False\\)"):
+        run_reward_signal(str(model), str(data), out, questions=3, rollouts=3, max_new_tokens=8, progress=False)
 
 
 def test_analyze_rewards_bad_arguments_are_one_line_errors(tmp_path):
     r = run_cli("analyze", "rewards", "--model", tmp_path / "none", "--data", "mini:rl_train", "--out", tmp_path / "o",
                 "--rollouts", "1")
     assert r.returncode != 0 and "--rollouts" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("analyze", "rewards", "--model", tmp_path / "none", "--data", "mini:rl_train", "--out", tmp_path / "o",
+                "--layer-groups", "thirds")
+    assert r.returncode != 0 and "--layer-groups thirds" in r.stderr and "Traceback" not in r.stderr

@@ -101,12 +101,14 @@ def data_make(
     ),
     n: int = typer.Option(..., "--n", help="Number of questions to generate."),
     out: Path = typer.Option(..., "--out", help="Output JSONL file (written atomically)."),
-    seed: int = typer.Option(0, "--seed", help="Same family + seed → the same items; item i never depends on n."),
+    seed: int = typer.Option(0, "--seed", help="Same families + seed + n → the same items (for one family, "
+                                                "item i never depends on n; a mixture's order does)."),
     difficulty: Optional[int] = typer.Option(
         None, "--difficulty", help="1 (easiest) to 3; default: a mix drawn per item."
     ),
     exclude: list[Path] = typer.Option(
-        [], "--exclude", help="JSONL file(s) whose question texts must not appear (held-out sets); repeatable."
+        [], "--exclude", help="JSONL file(s) or named sets (mini:test, openbookqa) whose question texts must not "
+                              "appear (held-out sets); repeatable."
     ),
 ) -> None:
     """Generate synthetic multiple-choice questions with 4 options and a gold chain of thought.
@@ -114,11 +116,12 @@ def data_make(
     With --exclude, items whose question text occurs in those files are skipped (and more are drawn),
     so an evaluation set shares no question with the training sets.
     """
+    from tars.data.bundled import resolve_data
     from tars.data.families import FAMILIES, make_excluding
     from tars.data.jsonl import read_records, write_records
 
     names = list(FAMILIES) if family == "all" else [f.strip() for f in family.split(",") if f.strip()]
-    seen = {r.question for f in exclude for r in read_records(f)}
+    seen = {r.question for f in exclude for r in read_records(resolve_data(f))}
     records = make_excluding(names, n, seed, seen, difficulty)
     write_records(out, records)
     typer.echo(f"wrote {len(records)} {family} questions to {out}")
@@ -526,6 +529,12 @@ def analyze_rewards(
     max_new_tokens: int = typer.Option(160, help="Rollout length limit."),
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
     seed: int = typer.Option(0, help="Sampling and reference-choice seed."),
+    embedder: Optional[str] = typer.Option(None, help="R_beh's sentence embedder, as the training config's "
+                                                      "`embedder` (default: the packaged all-MiniLM-L6-v2)."),
+    beh_strip_tags: bool = typer.Option(False, help="Embed completions without their <think>/<answer> tags, as "
+                                                    "the training config's `beh_strip_tags` (default: as generated)."),
+    layer_groups: str = typer.Option("paper", help="How shallow / middle / deep are cut, as the training "
+                                                   "config's `layer_groups`: paper or equal_thirds."),
 ) -> None:
     """How much each reward can steer GRPO: its spread within a question's group, and whether it points
     the way correctness does.
@@ -533,11 +542,13 @@ def analyze_rewards(
     Samples speech and text rollouts per question, computes R_acc, R_fmt, R_beh and R_rep under every
     pooling (mean, last) × layer set (all, shallow, middle, deep, last), and reports each one's mean,
     within-group spread and within-group correlation with R_acc. A reward with no spread cancels in the
-    advantage whatever its weight. Resumes after a kill.
+    advantage whatever its weight. The rewards are computed as `tars train` computes them; give the
+    embedder, tag and layer-group settings of the config you mean to train with. Resumes after a kill.
     """
     from tars.eval.reward_signal import run_reward_signal
 
-    res = run_reward_signal(model, data, out, questions, start, rollouts, max_new_tokens, temperature, seed)
+    res = run_reward_signal(model, data, out, questions, start, rollouts, max_new_tokens, temperature, seed,
+                            embedder=embedder, beh_strip_tags=beh_strip_tags, layer_groups=layer_groups)
     typer.echo((out / "reward_signal.md").read_text().rstrip())
     if not res["rewards"]:
         typer.echo("no question had a correct text rollout: no alignment reward to measure")

@@ -5,7 +5,8 @@ cancels in `r − mean(r)`. So the question that decides whether R_rep or R_beh 
 their mean but (a) their spread within a group and (b) whether that spread points the way correctness
 does. This samples G speech and G text rollouts per question from the model as it stands (the policy of
 a first TARS step), scores them once with every decoder layer's pooled states, and reports for R_acc,
-R_fmt, R_beh and R_rep under each pooling × layer set:
+R_fmt, R_beh and R_rep under each pooling × layer set — each reward computed as the trainer computes it
+(the same embedder, tag handling and layer groups, `TarsConfig`'s defaults unless given):
 
     mean            over speech rollouts of questions with a correct text reference
     spread          the mean within-group std (rl/advantages.py within_group_spread)
@@ -34,12 +35,24 @@ from tars.errors import UserError
 POOLINGS = ("mean", "last")
 
 
-def layer_sets(n_layers: int) -> dict[str, list[int]]:
-    """The layer sets compared: the paper's default (all), the three equal thirds and the last layer."""
+def layer_sets(n_layers: int, groups: str = "paper") -> dict[str, list[int]]:
+    """The layer sets compared: the paper's default (all), shallow / middle / deep as the trainer's
+    `layer_groups` cuts them, and the last layer. A group the model has no layers for (the paper's
+    11-20 of a 4-layer model) is left out, as the trainer would refuse it."""
     from tars.rewards.alignment import select_layers
 
-    return {name: select_layers(name, n_layers, "equal_thirds") for name in ("all", "shallow", "middle", "deep")} | {
-        "last": [n_layers]}
+    sets = {}
+    for name in ("all", "shallow", "middle", "deep"):
+        try:
+            sets[name] = select_layers(name, n_layers, groups)
+        except ValueError:
+            continue
+    return sets | {"last": [n_layers]}
+
+
+#: What an analysis folder written before these settings existed was made with (its settings.json lacks
+#: them): R_beh on tag-stripped text, equal-thirds layer groups, the packaged embedder.
+EARLIER_SETTINGS = {"embedder": None, "beh_strip_tags": True, "layer_groups": "equal_thirds"}
 
 
 def centred_correlation(x: Tensor, y: Tensor) -> float | None:
@@ -89,18 +102,24 @@ def markdown(summary: dict[str, dict], n_groups: int, n_ref: int, model: str) ->
 
 def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 16, start: int = 0,
                       rollouts: int = 4, max_new_tokens: int = 160, temperature: float = 1.0, seed: int = 0,
-                      batch_size: int = 4, progress: bool = True) -> dict:
+                      batch_size: int = 4, progress: bool = True, embedder: str | None = None,
+                      beh_strip_tags: bool = False, layer_groups: str = "paper") -> dict:
+    """`embedder`, `beh_strip_tags`, `layer_groups`: as in `TarsConfig`, with its defaults, so that the
+    rewards measured are the ones a run with that config would be given."""
     from tqdm import tqdm
 
     from tars.data.sources import DataConfig, load_data
     from tars.models.loading import load_backend
     from tars.rewards.accuracy import accuracy_reward
-    from tars.rewards.alignment import (SentenceEmbedder, behavior_reward, choose_references,
-                                        representation_reward)
+    from tars.rewards.alignment import (LAYER_GROUPS, SentenceEmbedder, behavior_reward, choose_references,
+                                        representation_reward, resolve_embedder)
     from tars.rewards.format import format_score
 
     if questions < 1 or rollouts < 2 or start < 0:
         raise UserError("--questions must be ≥ 1, --rollouts ≥ 2 (a spread needs two) and --start ≥ 0")
+    if layer_groups not in LAYER_GROUPS:
+        raise UserError(f"--layer-groups {layer_groups}: must be one of {', '.join(LAYER_GROUPS)}")
+    resolve_embedder(embedder)  # an embedder missing offline fails before the model loads
     out = Path(out)
     records, base_dir = load_data(DataConfig(file=data), "speech")
     records = records[start:start + questions]
@@ -108,9 +127,11 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
         raise UserError(f"{data}: no question from --start {start}")
     log_file = out / "groups.jsonl"
     settings = {"model": model, "data": data, "rollouts": rollouts, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "seed": seed}
+                "temperature": temperature, "seed": seed, "embedder": embedder, "beh_strip_tags": beh_strip_tags,
+                "layer_groups": layer_groups}
     if (out / "settings.json").exists():  # resuming: the groups already there must be these settings'
         old = json.loads((out / "settings.json").read_text())
+        old = EARLIER_SETTINGS | old
         changed = [k for k in settings if old.get(k) != settings[k]]
         if changed:
             k = changed[0]
@@ -134,8 +155,8 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
     backend = load_backend(model).eval() if todo else None
     if backend is not None:
         n_layers = len(backend.decoder_layers())
-        sets = layer_sets(n_layers)
-        embedder = SentenceEmbedder(None, device=backend.device)
+        sets = layer_sets(n_layers, layer_groups)
+        sentence_embedder = SentenceEmbedder(embedder, device=backend.device)
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="reward signal", unit="q",
                    disable=not progress)
         with open(log_file, "a") as f:
@@ -151,7 +172,7 @@ def run_reward_signal(model: str, data: str, out: str | Path, questions: int = 1
                     idx = [q for q in range(len(batch)) for _ in range(G)]
                     ps = backend.score(sp, s.token_ids, idx, every).pooled
                     pt = backend.score(tx, t.token_ids, idx, every).pooled
-                    emb = embedder.embed_completions(s.texts + t.texts).float().cpu()
+                    emb = sentence_embedder.embed_completions(s.texts + t.texts, beh_strip_tags).float().cpu()
                 opts = [r.options for r in batch for _ in range(G)]
                 answers = [r.answer for r in batch for _ in range(G)]
                 acc_s, acc_t = accuracy_reward(s.texts, opts, answers), accuracy_reward(t.texts, opts, answers)
