@@ -42,6 +42,30 @@ def test_parameter_counts_on_meta_equal_the_loaded_model(builder, kw, tmp_path):
     assert arch.can_mix == be.can_mix(["speech", "text"])
 
 
+def test_an_adapter_and_a_shipped_stage_plan_as_the_model_they_load(tiny, tmp_path, monkeypatch):
+    """Where every command takes an adapter folder or `mini:NAME`, so does the plan: an adapter plans as
+    its base (training on it merges it there), and a shipped stage is unpacked before its config is read."""
+    import shutil
+
+    import tars.models.mini as mini
+    from tars.models.lora import ADAPTER_CONFIG
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({"format": "tars-lora", "base_model": "somewhere/else",
+                                                      "base_model_path": str(tiny)}))
+    assert load_architecture(str(adapter)).params == load_architecture(str(tiny)).params
+    unpacked = []
+
+    def fake_shipped_stage(name, keep_custom=False):  # the real unpack is tested in test_stage_pack.py
+        unpacked.append(name)
+        shutil.copytree(tiny, mini.mini_dir(name), dirs_exist_ok=True)
+        return mini.mini_dir(name)
+
+    monkeypatch.setattr(mini, "shipped_stage", fake_shipped_stage)
+    assert load_architecture("mini:soft").params == load_architecture(str(tiny)).params and unpacked == ["soft"]
+
+
 def test_published_7b_architectures_count_their_published_sizes():
     sizes = {"Qwen/Qwen2-Audio-7B-Instruct": 8.397, "Qwen/Qwen2.5-Omni-7B": 8.932,
              "microsoft/Phi-4-multimodal-instruct": 5.205}

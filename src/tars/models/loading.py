@@ -60,19 +60,9 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     folder (`tars_adapter.json`), its base model's with the LoRA merged."""
     import importlib
 
-    from tars.paths import resolve
-
-    path = resolve(path)
     from tars.models.lora import is_adapter, load_adapter
-    from tars.models.mini import (SHIPPED_ADAPTERS, SHIPPED_STAGES, custom_stage, mini_dir, shipped_adapter,
-                                  shipped_stage)
 
-    for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
-        if path == mini_dir(name) and not custom_stage(name):  # made when missing or stale
-            shipped_stage(name, keep_custom=True)
-    for name in SHIPPED_ADAPTERS:
-        if path == mini_dir(name):
-            shipped_adapter(name)
+    path = local_model(path)
     if is_adapter(path):  # a LoRA adapter folder (models/lora.py): its base model, the LoRA merged in
         return load_adapter(path, device=device, dtype=dtype, merge=True, cache_dir=cache_dir)
     if not path.exists() and looks_like_hub_id(str(path)):
@@ -85,6 +75,24 @@ def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: to
     module, cls = BACKENDS[mt].split(":")
     return getattr(importlib.import_module(module), cls).from_pretrained(path, device=device, dtype=dtype,
                                                                         cache_dir=cache_dir)
+
+
+def local_model(path: str | Path) -> Path:
+    """`path` as a folder (`mini:NAME` → its place under $TARS_HOME), a mini stage or adapter shipped with
+    tars unpacked there first when it is one, so every command that takes a model takes those names on a
+    fresh machine."""
+    from tars.models.mini import (SHIPPED_ADAPTERS, SHIPPED_STAGES, custom_stage, mini_dir, shipped_adapter,
+                                  shipped_stage)
+    from tars.paths import resolve
+
+    path = resolve(path)
+    for name in SHIPPED_STAGES:  # mini:demo and mini:soft need nothing but the packs shipped with tars
+        if path == mini_dir(name) and not custom_stage(name):  # made when missing or stale
+            shipped_stage(name, keep_custom=True)
+    for name in SHIPPED_ADAPTERS:
+        if path == mini_dir(name):
+            shipped_adapter(name)
+    return path
 
 
 def looks_like_hub_id(name: str) -> bool:

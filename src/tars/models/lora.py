@@ -154,6 +154,22 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_base(meta: dict) -> str | Path:
+    """An adapter's base model from its json: the path it had when the adapter was saved while that
+    still exists, else its given name (a shipped adapter has only that)."""
+    base = Path(meta.get("base_model_path") or meta["base_model"])
+    return base if base.exists() else meta["base_model"]
+
+
+def read_adapter_meta(folder: str | Path) -> dict:
+    """`folder`'s adapter json, a one-line error when it is not valid JSON."""
+    meta_file = Path(folder) / ADAPTER_CONFIG
+    try:
+        return json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_file}: not valid JSON ({e})") from None
+
+
 def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  merge: bool = False, cache_dir: Path | None = None):
     """The base model named by `folder`'s json with the trained LoRA attached: unmerged to go on
@@ -167,16 +183,13 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: 
     meta_file = folder / ADAPTER_CONFIG
     if not meta_file.exists():
         raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected the `adapter` folder of a tars RL run)")
+    meta = read_adapter_meta(folder)
     try:
-        meta = json.loads(meta_file.read_text())
-        base_name, r, alpha, dropout, targets = (meta["base_model"], meta["r"], meta["alpha"], meta["dropout"],
-                                                 meta["target_modules"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_file}: not valid JSON ({e})") from None
+        r, alpha, dropout, targets = meta["r"], meta["alpha"], meta["dropout"], meta["target_modules"]
+        base = adapter_base(meta)
     except KeyError as e:
         raise UserError(f"{meta_file}: missing field {e}") from None
-    base = Path(meta.get("base_model_path") or base_name)
-    backend = load_backend(base if base.exists() else base_name, device=device, dtype=dtype, cache_dir=cache_dir)
+    backend = load_backend(base, device=device, dtype=dtype, cache_dir=cache_dir)
     params = add_lora(backend, LoraSettings(r=r, alpha=alpha, dropout=dropout), targets)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.exists():

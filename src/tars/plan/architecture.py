@@ -100,11 +100,19 @@ class Architecture:
 
 # ---- finding the config --------------------------------------------------------------------------------
 def _folder_of(model: str) -> Path | None:
-    """The local folder holding `model`'s config.json: the path itself, or the hub id's snapshot in the
-    Hugging Face cache (never the network)."""
-    from tars.paths import resolve
+    """The local folder holding `model`'s config.json: the path itself (a shipped mini stage unpacked
+    first), an adapter folder's base model's (training on an adapter merges it into its base, so the
+    base's architecture is what is trained), or the hub id's snapshot in the Hugging Face cache (never
+    the network)."""
+    from tars.models.loading import local_model
+    from tars.models.lora import adapter_base, is_adapter, read_adapter_meta
 
-    path = resolve(model).expanduser()
+    path = local_model(model).expanduser()
+    if is_adapter(path):
+        try:
+            return _folder_of(str(adapter_base(read_adapter_meta(path))))
+        except KeyError as e:
+            raise UserError(f"{path}: its adapter json has no {e} field") from None
     if (path / "config.json").is_file():
         return path
     from tars.models.loading import looks_like_hub_id
