@@ -1,7 +1,9 @@
 """Atomic file writes: a killed job never leaves a half-written file behind.
 
-Every file tars writes goes to a temporary file in the same directory first and is renamed over the
-target (rename is atomic on POSIX within one filesystem).
+Every file tars writes whole goes to a temporary file in the same directory first and is renamed over
+the target (rename is atomic on POSIX within one filesystem). Logs that grow a row at a time
+(`metrics.jsonl`, `predictions.jsonl`, `groups.jsonl`) are appended instead, and resuming drops a last
+line that a kill cut short.
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ def _quiet_libraries() -> None:
 def data_validate(
     file: str = typer.Argument(..., help="A JSONL file of records (one JSON object per line), or `openbookqa`."),
     check_audio: bool = typer.Option(
-        True, help="Open every `audio` file (relative to FILE's folder) and check it decodes, is non-empty "
-        "and not over --max-audio-s."
+        True, help="Open every `audio` file (relative to FILE's folder) and check its header reads as audio "
+        "(the samples are not decoded), it is non-empty and not over --max-audio-s."
     ),
     max_audio_s: float = typer.Option(30.0, help="Longest clip accepted, in seconds (Whisper windows are 30 s)."),
 ) -> None:
@@ -274,7 +274,9 @@ def mini_kd(
     """Stage b (KD): continuous speech features (a soft CTC projector, one embedding per frame) aligned by
     distillation from the same LLM's text-conditioned predictions on gold chains of thought.
 
-    Encoder and LLM frozen; the projector starts from the CTC stage's. Extra arguments are key=value
+    The encoder is frozen; so is the LLM, unless `lora` is set (a LoRA on it trains with the projector and
+    is merged in at the end). The projector starts from the CTC stage's (`init: soft_ctc`), or goes on from
+    the model's soft one (`init: keep`). Extra arguments are key=value
     overrides. Resumes after a kill from its last checkpoint.
     """
     from tars.config import load_config

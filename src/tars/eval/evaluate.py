@@ -1,7 +1,8 @@
 """`tars eval`: greedy answers from speech and from text, batched, resumable.
 
 Questions are sorted by prompt length and decoded in batches, so padding stays small. Every finished
-batch is appended to `predictions.jsonl` (flushed and fsynced); a rerun after a kill keeps those rows
+answer (with continuous batching, the default; a whole batch with fixed batches) is appended to
+`predictions.jsonl` (flushed and fsynced); a rerun after a kill keeps those rows
 and decodes only the rest. `metrics.json` is computed from all rows at the end (`metrics.summarize`).
 Speech records without audio are synthesised first (`data.sources.spoken`, cached by content).
 """
