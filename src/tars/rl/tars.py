@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import random
 import shutil
@@ -92,6 +91,7 @@ from tars.rl.losses import clipped_surrogate, kl_penalty, loss_normalizer
 from tars.rl.strategies import Parallel
 from tars.rl.strategies import make as make_strategy
 from tars.rl.strategies import weight_bytes
+from tars.train.checkpoint import step_of
 
 Method = Literal["tars", "grpo", "grpo_rep", "grpo_beh", "sft", "dpo"]
 #: The imitation baselines (`rl/imitation.py`): a fixed target sequence instead of a policy gradient.
@@ -858,7 +858,7 @@ def _resume(out: Path, trainer: TarsTrainer) -> int:
         trainer.load_state_dict(state)
         # Rows logged after the checkpoint belong to steps that will run again.
         if main and log.exists():
-            rows = [l for l in log.read_text().splitlines() if _step_of(l) <= state["step"]]
+            rows = [l for l in log.read_text().splitlines() if step_of(l) <= state["step"]]
             atomic_write_text(log, "".join(r + "\n" for r in rows))
         if main:
             print(f"resuming {out} from step {state['step']}")
@@ -866,11 +866,3 @@ def _resume(out: Path, trainer: TarsTrainer) -> int:
     if main:
         log.unlink(missing_ok=True)
     return 0
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
