@@ -115,7 +115,7 @@ def test_export_adapter_keeps_the_weights_drops_the_local_path_and_records_how(t
         export_adapter(tmp_path / "nothing", tmp_path / "x", command="c")
 
 
-@pytest.mark.parametrize("damage", ["json", "field", "weights", "mismatch"])
+@pytest.mark.parametrize("damage", ["json", "field", "weights", "mismatch", "base"])
 def test_a_broken_adapter_folder_is_a_one_line_error_naming_the_file(trained, tmp_path, damage):
     _, adapter, _ = trained
     bad = tmp_path / "bad"
@@ -128,11 +128,14 @@ def test_a_broken_adapter_folder_is_a_one_line_error_naming_the_file(trained, tm
         (bad / ADAPTER_CONFIG).write_text(json.dumps(meta))
     elif damage == "weights":
         (bad / ADAPTER_WEIGHTS).unlink()
+    elif damage == "base":  # copied to a machine without its base model
+        meta["base_model"] = meta["base_model_path"] = str(tmp_path / "gone" / "model")
+        (bad / ADAPTER_CONFIG).write_text(json.dumps(meta))
     else:
         meta["target_modules"] = meta["target_modules"][:3]
         (bad / ADAPTER_CONFIG).write_text(json.dumps(meta))
     expect = {"json": "not valid JSON", "field": "missing field 'r'", "weights": "adapter weights not found",
-              "mismatch": "do not match"}[damage]
+              "mismatch": "do not match", "base": f"{ADAPTER_CONFIG}: its base model .* is not on this machine"}[damage]
     with pytest.raises(UserError, match=expect):
         load_backend(bad)
     if damage == "json":  # as a user sees it

@@ -104,6 +104,16 @@ def test_make_excludes_a_named_set(tmp_path):
     assert len(got) == 40 and not seen & set(got)
 
 
+def test_an_out_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """An operating-system error about a file the user named (here: --out is an existing folder) is the
+    user's to fix: one line with the path, exit 1, no traceback."""
+    (tmp_path / "taken").mkdir()
+    res = run_cli("data", "make", "--family", "facts", "--n", "3", "--out", tmp_path / "taken")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("tars: error: ") and str(tmp_path / "taken") in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
 def test_help_starts_with_the_demo():
     out = run_cli("--help").stdout
     assert "Start with `tars demo`" in " ".join(out.split())

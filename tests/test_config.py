@@ -53,6 +53,37 @@ def test_bad_files(tmp_path):
     (tmp_path / "l.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="expected a mapping"):
         load_config(SupervisedConfig, tmp_path / "l.yaml")
+    (tmp_path / "indent.yaml").write_text("model: m\nlr: 1e-4\n  steps: 3\n")  # the line PyYAML marks
+    with pytest.raises(UserError, match=r"indent\.yaml:3: not valid YAML \(mapping values are not allowed here\)"):
+        load_config(SupervisedConfig, tmp_path / "indent.yaml")
+    with pytest.raises(UserError, match="a folder, not a config file"):
+        load_config(SupervisedConfig, tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(UserError, match="not a text file"):
+        load_config(SupervisedConfig, tmp_path / "bin.yaml")
+
+
+@pytest.mark.parametrize("cls, key, value", [
+    ("tars.train.supervised:SupervisedConfig", "save_every", 0),
+    ("tars.train.supervised:SupervisedConfig", "epochs", 0),
+    ("tars.train.supervised:SupervisedConfig", "max_steps", -1),
+    ("tars.train.ctc:CTCConfig", "batch_size", 0),
+    ("tars.train.ctc:CTCConfig", "stack", 0),
+    ("tars.train.kd:KDConfig", "temperature", 0),
+    ("tars.train.kd:KDConfig", "val_every", 0),
+    ("tars.eval.evaluate:EvalConfig", "max_new_tokens", 0),
+    ("tars.eval.evaluate:EvalConfig", "limit", -3),
+    ("tars.train.supervised:SupervisedConfig", "data.n", 0),
+])
+def test_numbers_a_stage_would_divide_by_or_loop_over_are_checked_on_load(tmp_path, cls, key, value):
+    """Caught when the config is read, before data and model load (they used to end in a
+    ZeroDivisionError or an IndexError after both, or, for max_steps=-1, a stage saved untrained)."""
+    import importlib
+
+    module, name = cls.split(":")
+    base = {"model": "m", "out": "o"} | ({"data": ["d.jsonl"]} if name == "EvalConfig" else {})
+    with pytest.raises(UserError, match=f"c.yaml: {key}: Input should be greater than"):
+        load_config(getattr(importlib.import_module(module), name), write(tmp_path, base), [f"{key}={value}"])
 
 
 def test_saved_config_reloads_to_the_same_values(tmp_path):

@@ -86,6 +86,26 @@ def test_eval_runs_both_modalities_and_resumes(tmp_path):
     again = [json.loads(l) for l in preds.read_text().splitlines()]
     assert len(again) == 10 and len({(r["modality"], r["id"]) for r in again}) == 10
     assert m2["datasets"] == m["datasets"]  # greedy decoding: the redone rows are the same
+    # the same folder under another model or decoding length would mix two models' answers: refused
+    from tars.errors import UserError
+
+    with pytest.raises(UserError, match="max_new_tokens=4 \\(now 6\\)"):
+        run_eval(cfg.model_copy(update={"max_new_tokens": 6}), progress=False)
+    with pytest.raises(UserError, match="holds answers made with model="):
+        run_eval(cfg.model_copy(update={"model": str(tmp_path / "other")}), progress=False)
+    assert len(preds.read_text().splitlines()) == 10  # and left as it was
+
+
+def test_two_data_files_of_one_name_are_refused_before_anything_runs(tmp_path):
+    from tars.errors import UserError
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = write_jsonl(tmp_path / "a" / "heldout.jsonl", [good_row(0)])
+    b = write_jsonl(tmp_path / "b" / "heldout.jsonl", [good_row(1)])
+    cfg = validate(EvalConfig, dict(model=str(tmp_path / "none"), data=[str(a), str(b)], out=str(tmp_path / "e")))
+    with pytest.raises(UserError, match="both be reported as 'heldout'"):
+        run_eval(cfg, progress=False)
+    assert not (tmp_path / "e").exists()
 
 
 def test_fixed_and_continuous_batches_give_the_same_answers(tmp_path):

@@ -490,9 +490,9 @@ def analyze_layers(
     model: list[str] = typer.Option(..., "--model", help="Model folder(s) / checkpoints, one curve each; repeatable."),
     data: str = typer.Option(..., "--data", help="JSONL / manifest file, or `openbookqa`."),
     out: Path = typer.Option(..., "--out", help="Output folder: layers.json and layers.png."),
-    limit: int = typer.Option(100, help="First N questions (0 = all)."),
+    limit: int = typer.Option(100, min=0, help="First N questions (0 = all)."),
     completion: str = typer.Option("text_greedy", help="text_greedy (the model's own text answer) or gold."),
-    batch_size: int = typer.Option(8, help="Questions per forward."),
+    batch_size: int = typer.Option(8, min=1, help="Questions per forward."),
     cosine: str = typer.Option("per_token", help="per_token (the paper's figure: the cosine of each completion "
                                "token's two states, averaged) or mean_pooled (the cosine of the mean-pooled states, "
                                "as R_rep compares them)."),
@@ -528,8 +528,8 @@ def analyze_rewards(
     questions: int = typer.Option(16, help="Questions analysed."),
     start: int = typer.Option(0, help="Skip the first N questions (e.g. those a run's first steps used)."),
     rollouts: int = typer.Option(4, help="Speech and text rollouts per question (G)."),
-    max_new_tokens: int = typer.Option(160, help="Rollout length limit."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    max_new_tokens: int = typer.Option(160, min=1, help="Rollout length limit."),
+    temperature: float = typer.Option(1.0, min=0.0, help="Sampling temperature (0: greedy)."),
     seed: int = typer.Option(0, help="Sampling and reference-choice seed."),
     embedder: Optional[str] = typer.Option(None, help="R_beh's sentence embedder, as the training config's "
                                                       "`embedder` (default: the packaged all-MiniLM-L6-v2)."),
@@ -626,13 +626,21 @@ app.registered_commands.sort(key=lambda c: c.name != "demo")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`."""
+    """Entry point: click handles usage errors (exit 2) and `typer.Exit`; we handle `UserError`, and an
+    operating-system error about a named file (an `--out` that is a file, a folder without write
+    permission), which is the user's to fix, not a bug: one line naming the file, exit 1."""
     try:
         app(args=argv)
     except UserError as e:
         for line in str(e).splitlines() or ["error"]:
             print(f"tars: error: {line}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # a rename's target is what the user named; its source is tars's own temporary file
+        print(f"tars: error: {getattr(e, 'filename2', None) or e.filename}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

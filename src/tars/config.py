@@ -62,6 +62,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_error_place(path: Path, e: yaml.YAMLError) -> str:
+    """`path:line` where PyYAML marks the problem (`path` alone when it marks none)."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{path}:{mark.line + 1}" if mark is not None else str(path)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """The problem itself ("mapping values are not allowed here"), not PyYAML's context lines."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
     """Read `path` (YAML) into `cls`, apply overrides, validate; errors name the file and the key."""
     data: dict[str, Any] = {}
@@ -71,10 +82,14 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         where = str(path)
         if not path.exists():
             raise UserError(f"{path}: config file not found")
+        if not path.is_file():
+            raise UserError(f"{path}: a folder, not a config file (give its YAML file)")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (expected YAML)") from None
         except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{yaml_error_place(path, e)}: not valid YAML ({yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of keys to values at the top level")
         data.pop("tars_version", None)

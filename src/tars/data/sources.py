@@ -11,6 +11,8 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from tars.config import Config
 from tars.data.jsonl import read_records
 from tars.data.schema import Record
@@ -22,11 +24,11 @@ class DataConfig(Config):
 
     file: str | None = None
     families: list[str] = ["arithmetic", "comparison", "counting", "units", "facts"]
-    n: int = 1000
+    n: int = Field(1000, ge=1)
     seed: int = 1
-    difficulty: int | None = None
+    difficulty: int | None = Field(None, ge=1, le=3)
     voice_seed: int = 0
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1)
 
 
 def load_data(cfg: DataConfig, modality: Literal["text", "speech"]) -> tuple[list[Record], Path | None]:

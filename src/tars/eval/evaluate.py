@@ -23,6 +23,7 @@ from tars.config import Config, save_config
 from tars.data.bundled import BUNDLED, resolve_data
 from tars.data.jsonl import check_files, read_records
 from tars.data.prompts import text_prompt
+from tars.errors import UserError
 from tars.eval.metrics import summarize
 from tars.rewards import extract_choice, format_score
 
@@ -35,16 +36,16 @@ class EvalConfig(Config):
     modalities: list[Literal["speech", "text", "cascade"]] = ["speech", "text"]
     #: 32: the mini model's batched/one-at-a-time ratio passes 6x there on 2 CPU cores, not at 16
     #: (docs/performance.md); GPUs want more.
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     #: Continuous batching (a finished answer's slot takes the next question); False = fixed batches
     #: that decode until their longest answer ends.
     continuous: bool = True
-    max_new_tokens: int = 192
-    limit: int | None = None
+    max_new_tokens: int = Field(192, ge=1)
+    limit: int | None = Field(None, ge=1)
     voice_seed: int = 0
     #: The original text backbone's average text accuracy (%) for MRR; None = no MRR.
     backbone_text: float | None = Field(None, gt=0, le=100)
-    threads: int | None = None
+    threads: int | None = Field(None, ge=1)
 
 
 def dataset_name(arg: str) -> str:
@@ -69,6 +70,35 @@ def _read_done(path: Path) -> list[dict]:
     return rows
 
 
+#: What an answer depends on: a folder's answers are resumed only under the same values.
+ANSWER_SETTINGS = ("model", "max_new_tokens", "voice_seed")
+
+
+def check_resumable(cfg: EvalConfig, out: Path) -> None:
+    """Refuse to add to `out`'s answers under another model or decoding setting, which would silently
+    mix two models' answers in one metrics.json. Data, modalities and limit may change: answers are
+    kept per dataset, modality and question."""
+    import yaml
+
+    from tars.paths import resolve
+
+    try:
+        old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # no readable record of what made the answers: nothing to compare with
+    if not isinstance(old, dict):
+        return
+    for key in ANSWER_SETTINGS:
+        if key not in old:
+            continue
+        was, now = old[key], getattr(cfg, key)
+        same = (resolve(str(was)).expanduser().resolve() == resolve(now).expanduser().resolve() if key == "model"
+                else was == now)
+        if not same:
+            raise UserError(f"{out}: holds answers made with {key}={was} (now {now}); pass another --out, or "
+                            "remove that folder")
+
+
 def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     import torch
     from tqdm import tqdm
@@ -80,9 +110,16 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    names = [dataset_name(a) for a in cfg.data]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"--data: two files would both be reported as {twice!r} (a dataset is named by its file, "
+                        "or its folder for a manifest.jsonl); rename one")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
     preds = out / "predictions.jsonl"
+    if preds.exists():
+        check_resumable(cfg, out)
+    save_config(cfg, out)
     rows = _read_done(preds)
     done = {(r["dataset"], r["modality"], r["id"]) for r in rows}
     # Every data file checked before the model loads: all problems at once, each clip probed for speech.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -37,23 +38,23 @@ class CTCConfig(Config):
     out: str
     data: DataConfig = DataConfig()
     target: Literal["text_prompt", "spoken"] = "text_prompt"
-    stack: int = 2
-    d_hidden: int | None = None
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-3
+    stack: int = Field(2, ge=1)
+    d_hidden: int | None = Field(None, ge=1)
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
     weight_decay: float = 0.01
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
     #: dtype of the vocabulary-sized product while training (bf16: several times faster on a CPU with
     #: avx512_bf16);
     #: validation and use run in the model's dtype.
     vocab_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    val_n: int = 64
+    val_n: int = Field(64, ge=0)
     seed: int = 0
-    save_every: int = 50
-    threads: int | None = None
+    save_every: int = Field(50, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:

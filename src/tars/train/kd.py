@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -55,25 +56,25 @@ class KDConfig(Config):
     init: Literal["soft_ctc", "keep"] = "soft_ctc"
     #: A LoRA on the LLM trained beside the projector and merged at the end (None: projector only).
     lora: LoraSettings | None = None
-    epochs: int = 1
-    max_steps: int | None = None
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
     #: End the run after this many steps of the schedule `max_steps` / `epochs` set (the learning rate
     #: still follows that longer schedule): a run stopped early, rerun exactly.
-    stop_after: int | None = None
-    batch_size: int = 8
-    lr: float = 3e-4
+    stop_after: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
-    temperature: float = 1.0
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     letter_style: Literal["none", "name", "scan"] = "scan"
-    val_n: int = 32
-    val_every: int = 25
+    val_n: int = Field(32, ge=0)
+    val_every: int = Field(25, ge=1)
     seed: int = 0
-    save_every: int = 10
-    threads: int | None = None
+    save_every: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:

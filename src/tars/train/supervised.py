@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from tars.config import Config
 from tars.data.prompts import gold_completion, spoken_text
@@ -42,20 +43,20 @@ class SupervisedConfig(Config):
     modality: Literal["text", "speech"] = "text"
     train: Literal["llm", "projector"] = "llm"
     data: DataConfig = DataConfig()
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    lr: float = 1e-4
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = 0.0
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
+    warmup_frac: float = Field(0.05, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
     completion_weight: float = 1.0
     transcript_weight: float = 0.0
     #: How the gold reasoning reaches the letter (see `sft_target`): `scan` walks the options in order.
     letter_style: Literal["none", "name", "scan"] = "scan"
     seed: int = 0
-    save_every: int = 25
-    threads: int | None = None
+    save_every: int = Field(25, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 def sft_target(rec: Record, letter_style: str = "scan") -> str:
