@@ -86,6 +86,11 @@ def test_numbers_a_stage_would_divide_by_or_loop_over_are_checked_on_load(tmp_pa
         load_config(getattr(importlib.import_module(module), name), write(tmp_path, base), [f"{key}={value}"])
 
 
+def test_an_unknown_family_is_named_with_its_key(tmp_path):
+    with pytest.raises(UserError, match="c.yaml: data.families: Value error, unknown family 'fact'; choose from"):
+        load_config(SupervisedConfig, write(tmp_path, {"model": "m", "out": "o"}), ["data.families=[fact]"])
+
+
 def test_saved_config_reloads_to_the_same_values(tmp_path):
     cfg = load_config(SupervisedConfig, write(tmp_path, {"model": "m", "out": "o", "lr": 0.5}), ["data.n=7"])
     path = save_config(cfg, tmp_path / "run")

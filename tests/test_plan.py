@@ -66,6 +66,29 @@ def test_an_adapter_and_a_shipped_stage_plan_as_the_model_they_load(tiny, tmp_pa
     assert load_architecture("mini:soft").params == load_architecture(str(tiny)).params and unpacked == ["soft"]
 
 
+def test_a_calibration_out_that_is_not_a_calibration_file_is_refused(tmp_path):
+    from tars.errors import UserError
+    from tars.plan.calibrate import calibrate
+
+    with pytest.raises(UserError, match="--out must be a calibration JSON file"):
+        calibrate([], tmp_path)  # a folder, as --out is elsewhere
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(UserError, match="not a calibration file"):
+        calibrate([], tmp_path / "list.json")
+
+
+def test_device_names_are_checked_where_they_are_given():
+    from tars.errors import UserError
+    from tars.models.backend import parse_device
+
+    assert parse_device("cpu", "--device") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device: 'gpu' is not a device"):
+        parse_device("gpu", "--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="config: device: cuda: this machine has no CUDA GPU"):
+            parse_device("cuda", "config: device")
+
+
 def test_published_7b_architectures_count_their_published_sizes():
     sizes = {"Qwen/Qwen2-Audio-7B-Instruct": 8.397, "Qwen/Qwen2.5-Omni-7B": 8.932,
              "microsoft/Phi-4-multimodal-instruct": 5.205}

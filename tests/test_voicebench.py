@@ -99,3 +99,10 @@ def test_missing_audio_column_and_bad_paths(tmp_path):
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
     with pytest.raises(UserError, match="DatasetDict; pass one split folder, one of: test"):
         import_voicebench(tmp_path / "dd", tmp_path / "o")
+
+
+def test_a_git_lfs_pointer_instead_of_parquet_is_named(tmp_path):
+    # what a clone made without git-lfs holds in place of the data
+    (tmp_path / "test.parquet").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 1\n")
+    with pytest.raises(UserError, match="test.parquet: not a readable parquet file .*Git LFS pointer"):
+        import_voicebench(tmp_path / "test.parquet", tmp_path / "o")

@@ -425,10 +425,11 @@ def plan_cmd(
             targets = [(load_architecture(cfg.model, cfg.lora, where=f"{config}: model"), cfg.dtype, cfg.lora)]
         else:
             targets = published_targets()
-        from tars.models.backend import default_device
+        from tars.models.backend import default_device, parse_device
 
         path = run_calibration(targets, out or user_calibration_file(), log=typer.echo,
-                               device=device or default_device(), command=" ".join(["tars", *sys.argv[1:]]))
+                               device=parse_device(device, "--device") if device else default_device(),
+                               command=" ".join(["tars", *sys.argv[1:]]))
         typer.echo(f"wrote {path}")
         return
     if config is None:

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tars.config import Config
 from tars.data.jsonl import read_records
@@ -29,6 +29,18 @@ class DataConfig(Config):
     difficulty: int | None = Field(None, ge=1, le=3)
     voice_seed: int = 0
     limit: int | None = Field(None, ge=1)
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, names: list[str]) -> list[str]:
+        from tars.data.families import FAMILIES
+
+        unknown = [n for n in names if n not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+        if not names:
+            raise ValueError("at least one family")
+        return names
 
 
 def load_data(cfg: DataConfig, modality: Literal["text", "speech"]) -> tuple[list[Record], Path | None]:

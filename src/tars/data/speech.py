@@ -107,7 +107,8 @@ class EspeakEngine:
         )
         if proc.returncode != 0 or not proc.stdout:
             err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise RuntimeError(f"espeak-ng failed for voice {voice.name}: {err[0] if err else proc.returncode}")
+            raise UserError(f"espeak-ng failed for voice {voice.name}: {err[0] if err else proc.returncode} "
+                            "(is that voice installed? `espeak-ng --voices` lists them)")
         data, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
         return data, sr
 

@@ -55,11 +55,19 @@ def split_prompt(prompt: str) -> tuple[str, list[str]]:
     return question, options
 
 
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except pa.ArrowInvalid as e:  # e.g. a Git LFS pointer: a clone made without git-lfs
+        raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]}; a Git LFS pointer "
+                        "if the dataset was cloned without git-lfs)") from None
+
+
 def _read_table(path: Path) -> pa.Table:
     if path.is_file():
         if path.suffix != ".parquet":
             raise UserError(f"{path}: expected a .parquet file or a save_to_disk folder")
-        return pq.read_table(path)
+        return _read_parquet(path)
     if not path.is_dir():
         raise UserError(f"{path}: not found")
     arrows = sorted(path.glob("data-*.arrow")) or sorted(path.glob("*.arrow"))
@@ -71,10 +79,13 @@ def _read_table(path: Path) -> pa.Table:
                 try:
                     tables.append(pa.ipc.open_stream(src).read_all())
                 except pa.ArrowInvalid:
-                    tables.append(pa.ipc.open_file(src).read_all())
+                    try:
+                        tables.append(pa.ipc.open_file(src).read_all())
+                    except pa.ArrowInvalid as e:
+                        raise UserError(f"{f}: not a readable Arrow file ({str(e).splitlines()[0][:120]})") from None
         return pa.concat_tables(tables)
     if parquets:
-        return pa.concat_tables([pq.read_table(f) for f in parquets])
+        return pa.concat_tables([_read_parquet(f) for f in parquets])
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
         raise UserError(f"{path}: a DatasetDict; pass one split folder, one of: {', '.join(splits)}")

@@ -935,4 +935,18 @@ def _logprob_of(probs: Tensor, tokens: Tensor) -> Tensor:
 
 
 def default_device() -> torch.device:
-    return torch.device(os.environ.get("TARS_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if os.environ.get("TARS_DEVICE"):
+        return parse_device(os.environ["TARS_DEVICE"], "TARS_DEVICE")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(spec: str, where: str) -> torch.device:
+    """`spec` as a device this machine has; a one-line `UserError` naming `where` (the option, key or
+    variable it came from) for a misspelt one or a GPU that is not there."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"{where}: {spec!r} is not a device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{where}: {spec}: this machine has no CUDA GPU")
+    return device

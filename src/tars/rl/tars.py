@@ -310,10 +310,10 @@ def _seed(seed: int, step: int, stream: str) -> int:
 
 
 def _load_policy_model(cfg: TarsConfig, group: Group | None = None):
-    from tars.models.backend import default_device
+    from tars.models.backend import default_device, parse_device
     from tars.models.loading import load_backend
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = parse_device(cfg.device, "config: device") if cfg.device else default_device()
     if group is not None and group.on and device.type == "cuda":
         from accelerate import PartialState
 
