@@ -77,6 +77,15 @@ def test_a_calibration_out_that_is_not_a_calibration_file_is_refused(tmp_path):
         calibrate([], tmp_path / "list.json")
 
 
+def test_a_broken_side_file_of_a_phi4_folder_is_named(tmp_path):
+    from tars.errors import UserError
+
+    folder = tiny_phi4_mm(tmp_path / "model", speech_lora=True)
+    (folder / "speech-lora" / "adapter_config.json").write_text("{r: 8")
+    with pytest.raises(UserError, match="adapter_config.json: not valid JSON"):
+        load_architecture(str(folder))
+
+
 def test_device_names_are_checked_where_they_are_given():
     from tars.errors import UserError
     from tars.models.backend import parse_device

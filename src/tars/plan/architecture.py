@@ -129,6 +129,17 @@ def _folder_of(model: str) -> Path | None:
     return None
 
 
+def _json_object(path: Path) -> dict:
+    """A model folder's side file (a hand-edited one may be broken) as a dict, or a one-line error."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def _config_from_dict(model_type: str, data: dict):
     from transformers import AutoConfig
 
@@ -157,14 +168,14 @@ def load_architecture(model: str, lora=None, where: str = "config: model") -> Ar
         source = str(folder / "config.json")
         adapter = folder / "speech-lora" / "adapter_config.json"
         if model_type == "phi4_multimodal" and adapter.is_file():
-            a = json.loads(adapter.read_text())
+            a = _json_object(adapter)
             targets = a.get("target_modules") or []
             if isinstance(targets, str):  # a regex over module names, as the released adapter's may be
                 targets = [t for t in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if t in targets]
             speech_lora = {"r": int(a["r"]), "target_modules": list(targets)}
             settings = folder / "tars_audio.json"
             if settings.is_file():
-                can_mix_always = json.loads(settings.read_text()).get("speech_lora") == "always"
+                can_mix_always = _json_object(settings).get("speech_lora") == "always"
     elif str(model) in published():
         entry = published()[str(model)]
         model_type = entry["model_type"]
