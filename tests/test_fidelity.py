@@ -185,6 +185,19 @@ def test_format_levels_in_the_base_reward(tiny, tmp_path):
     assert TarsConfig.model_fields["format_levels"].default == "binary"
 
 
+def test_base_rewards_pair_each_rollout_with_its_own_questions_answer(tiny, tmp_path):
+    """Rows are prompt-major (question 0's G rollouts, then question 1's): each is scored against its
+    own question's options and gold letter, which differ here (B, then A)."""
+    batch = [Record(id="q1", question="2 + 2?", options=["3", "4"], answer="B"),
+             Record(id="q2", question="1 + 1?", options=["2", "5"], answer="A")]
+    texts = ["<think>x</think><answer>The answer is B.</answer>", "<think>x</think><answer>The answer is A.</answer>",
+             "<think>x</think><answer>The answer is B.</answer>", "<think>x</think><answer>The answer is A.</answer>"]
+    tr = TarsTrainer(cfg(tiny, tmp_path, method="grpo"), 1)
+    acc, fmt, base = tr._base_rewards(texts, batch, 2)
+    assert acc.tolist() == [[1.0, 0.0], [0.0, 1.0]] and fmt.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert base.tolist() == [[1.5, 0.5], [0.5, 1.5]]  # R_acc + 0.5 · R_fmt
+
+
 def test_layer_groups_in_the_trainer(tiny, tmp_path):
     def layers(**c):
         return TarsTrainer(cfg(tiny, tmp_path, method="grpo_rep", **c), 1).layers

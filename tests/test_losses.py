@@ -96,6 +96,17 @@ def test_positive_advantage_below_range_is_not_clipped():
     assert logp.grad.item() == pytest.approx(-0.5)
 
 
+def test_negative_advantage_above_range_is_not_clipped():
+    # A=-1, r=1.5 > 1.28: min(1.5·-1, 1.28·-1) = -1.5 -> the unclipped branch: the clip only stops a
+    # ratio from running further in the direction its advantage favours. loss 1.5, gradient -A·r = +1.5
+    logp = torch.tensor([[math.log(1.5)]], requires_grad=True)
+    loss, stats = clipped_surrogate(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == pytest.approx(1.5)
+    assert logp.grad.item() == pytest.approx(1.5)
+    assert stats["clip_fraction"].item() == 0.0 and stats["clip_high_fraction"].item() == 0.0
+
+
 def test_on_policy_gradient_is_minus_advantage_over_tokens():
     # one update per batch: old = logp.detach(), r = 1 everywhere -> d loss / d logp = -A / 3 tokens
     logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)

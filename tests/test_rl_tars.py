@@ -160,6 +160,7 @@ def test_grpo_asks_no_hidden_states_and_pays_the_base_reward_only(tiny, tmp_path
     assert row["speech/rep_spread"] == pytest.approx(within_group_spread(rec.rep, has_ref))
     assert row["speech/beh_spread"] == pytest.approx(within_group_spread(rec.beh, has_ref))
     assert row["speech/beh_spread"] > 0  # the completions differ, so do their embeddings
+    assert row["no_reference"] == pytest.approx((~has_ref).float().mean().item())
     # The single-term ablations ask for exactly their own term's inputs.
     for method, layers, embeds in (("grpo_rep", [1, 2, 3, 4], False), ("grpo_beh", [], True)):
         tr, _, _ = trainer(tiny, tmp_path, method=method)
@@ -219,6 +220,86 @@ def test_text_alignment_constant_cancels_in_text_advantages():
     # Where the two modalities share a group (joint), the constant is what keeps them comparable.
     j1, j2 = modality_advantages(*out["speech_mean"][:2], joint=True), modality_advantages(*out["zero"][:2], joint=True)
     assert not torch.allclose(j1[1], j2[1])
+
+
+@pytest.mark.parametrize("schedule, want", [
+    # 10 steps, warm-up ceil(0.2 · 10) = 2: (s + 1) / 2, then the fraction left of the 8 others
+    ("linear", [0.5, 1.0, 1.0, 0.875, 0.75]),
+    # cosine of what is left: 0.5 · (1 − cos(π · left)); left 0.875 → 0.5 · (1 + 0.923880), 0.75 → 0.5 · (1 + 0.707107)
+    ("cosine", [0.5, 1.0, 1.0, 0.961940, 0.853553]),
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_learning_rate_schedule_by_hand(tiny, tmp_path, schedule, want):
+    tr = TarsTrainer(cfg(tiny, tmp_path, warmup_frac=0.2, schedule=schedule), 10)
+    got = [tr.sched.lr_lambdas[0](s) for s in range(5)]
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_batch_indices_cover_an_epoch_once_then_reshuffle():
+    from tars.rl.tars import batch_indices
+
+    steps = [batch_indices(5, s, 2, seed=7) for s in range(4)]
+    assert [e for e, _ in steps] == [0, 0, 0, 1]
+    assert [len(i) for _, i in steps] == [2, 2, 1, 2]  # the last batch of an epoch is smaller
+    assert sorted(i for _, idx in steps[:3] for i in idx) == [0, 1, 2, 3, 4]
+    assert batch_indices(5, 1, 2, seed=7) == steps[1]  # a resumed run sees the same questions
+
+
+def test_modality_advantages_by_hand_with_unequal_group_sizes():
+    # speech [[1, 0], [2, 2]] (means .5, 2), text [[1, 1, 0], [0, 0, 3]] (means 2/3, 1)
+    s, t = torch.tensor([[1.0, 0.0], [2.0, 2.0]]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    a_s, a_t = modality_advantages(s, t)
+    torch.testing.assert_close(a_s, torch.tensor([[0.5, -0.5], [0.0, 0.0]]))
+    torch.testing.assert_close(a_t, torch.tensor([[1 / 3, 1 / 3, -2 / 3], [-1.0, -1.0, 2.0]]))
+    # joint: one group per question over its 5 rollouts, means 3/5 = .6 and 7/5 = 1.4
+    j_s, j_t = modality_advantages(s, t, joint=True)
+    torch.testing.assert_close(j_s, torch.tensor([[0.4, -0.6], [0.6, 0.6]]))
+    torch.testing.assert_close(j_t, torch.tensor([[0.4, 0.4, -0.6], [-1.4, -1.4, 1.6]]))
+
+
+@needs_espeak
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_steps_rewards_advantages_and_loss_are_wired_as_the_equations_say(tiny, tmp_path, lively, monkeypatch,
+                                                                             joint):
+    """With unequal group sizes (2 speech, 3 text rollouts) and unequal weights, so that swapping
+    modalities or weights cannot pass: r_s = R_base + 0.5·R_rep + 2·R_beh; the text term is their mean
+    per question; A = r − its group's mean (per modality, or per question with joint_groups); and the
+    surrogate gets each modality's own advantages, one per rollout, so that at ratio 1 the loss is
+    −Σ A_i·n_i / N over the kept tokens."""
+    got = []
+    real = tars_mod.clipped_surrogate
+
+    def surrogate(logprobs, old, adv, mask, *a, **k):
+        keep = k.get("keep")
+        kept = (mask & (keep[:, None] if keep is not None else True)).sum(1).float()
+        got.append((adv.detach().clone(), kept))
+        return real(logprobs, old, adv, mask, *a, **k)
+
+    monkeypatch.setattr(tars_mod, "clipped_surrogate", surrogate)
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2", speech_rollouts=2, text_rollouts=3,
+                                  w_rep=0.5, w_beh=2.0, joint_groups=joint, max_new_tokens=8)
+    row = tr.step(batch, base_dir, 0)
+    rec = tr.last
+    assert rec.rep.any() and rec.beh.any()
+    torch.testing.assert_close(rec.speech_reward, rec.speech_base + 0.5 * rec.rep + 2.0 * rec.beh)
+    torch.testing.assert_close(rec.text_term, (0.5 * rec.rep + 2.0 * rec.beh).mean(1))
+    torch.testing.assert_close(rec.text_reward, rec.text_base + rec.text_term[:, None])
+    if joint:
+        mean = torch.cat([rec.speech_reward, rec.text_reward], 1).mean(1, keepdim=True)
+        want_s, want_t = rec.speech_reward - mean, rec.text_reward - mean
+    else:
+        want_s = rec.speech_reward - rec.speech_reward.mean(1, keepdim=True)
+        want_t = rec.text_base - rec.text_base.mean(1, keepdim=True)  # the per-question text term cancels
+    torch.testing.assert_close(rec.speech_adv, want_s)
+    torch.testing.assert_close(rec.text_adv, want_t, atol=1e-6, rtol=0)
+    assert rec.speech_adv.any() and rec.text_adv.any()
+    by_size = {len(a): (a, n) for a, n in got}  # 2 questions × 2 speech = 4 rows, × 3 text = 6
+    assert sorted(by_size) == [4, 6]
+    torch.testing.assert_close(by_size[4][0], rec.speech_adv.flatten().to(by_size[4][0].dtype))
+    torch.testing.assert_close(by_size[6][0], rec.text_adv.flatten().to(by_size[6][0].dtype), atol=1e-6, rtol=0)
+    total = sum(n.sum() for _, n in got)
+    want_loss = -sum(float((a * n).sum()) for a, n in got) / float(total)
+    assert row["loss"] == pytest.approx(want_loss, abs=1e-5)
 
 
 @needs_espeak
@@ -339,6 +420,32 @@ def test_a_steps_r_rep_is_the_cosine_of_independently_scored_states(tiny, tmp_pa
             ref = correct[j % len(correct)]
             want = F.cosine_similarity(states["speech"][q, j], states["text"][q, ref], dim=-1).mean()
             torch.testing.assert_close(rec.rep[q, j], want, atol=1e-5, rtol=0)
+            checked += 1
+    assert checked > 0  # some question had a correct text reference
+
+
+@needs_espeak
+def test_a_steps_r_beh_is_the_cosine_of_the_completions_sentence_embeddings(tiny, tmp_path, lively, embedder):
+    """R_beh of each speech rollout = the cosine between the sentence embeddings of its text and of its
+    (round-robin) correct text reference's, embedded as generated (beh_strip_tags off)."""
+    import torch.nn.functional as F
+
+    tr, batch, base_dir = trainer(tiny, tmp_path, method="grpo_beh", reference="round_robin", max_new_tokens=8,
+                                  speech_rollouts=3, text_rollouts=3)
+    tr.step(batch, base_dir, 0)
+    rec, G = tr.last, 3
+    emb_s = embedder.embed_completions(rec.speech_texts, False).float()
+    emb_t = embedder.embed_completions(rec.text_texts, False).float()
+    checked = 0
+    for q in range(len(batch)):
+        correct = [g for g in range(G) if tars_mod.accuracy_reward([rec.text_texts[q * G + g]], [None], [None])[0] == 1]
+        for j in range(G):
+            if not correct:
+                assert rec.beh[q, j] == 0
+                continue
+            ref = correct[j % len(correct)]
+            want = F.cosine_similarity(emb_s[q * G + j], emb_t[q * G + ref], dim=-1)
+            torch.testing.assert_close(rec.beh[q, j].float(), want, atol=1e-5, rtol=0)
             checked += 1
     assert checked > 0  # some question had a correct text reference
 
