@@ -277,7 +277,7 @@ def test_a_steps_rewards_advantages_and_loss_are_wired_as_the_equations_say(tiny
 
     monkeypatch.setattr(tars_mod, "clipped_surrogate", surrogate)
     tr, batch, base_dir = trainer(tiny, tmp_path, method="tars", layers="last-2", speech_rollouts=2, text_rollouts=3,
-                                  w_rep=0.5, w_beh=2.0, joint_groups=joint, max_new_tokens=8)
+                                  w_rep=0.5, w_beh=2.0, joint_groups=joint, max_new_tokens=5)
     row = tr.step(batch, base_dir, 0)
     rec = tr.last
     assert rec.rep.any() and rec.beh.any()
@@ -560,6 +560,8 @@ def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_pro
                                                                                     monkeypatch, method):
     tr, batch, base_dir = trainer(tiny, tmp_path, method=method, text_rollouts=4, speech_rollouts=4)
     calls = spy_scores(tr.backend, monkeypatch)
+    gens, real_generate = [], tr.backend.generate_paired
+    monkeypatch.setattr(tr.backend, "generate_paired", lambda *a, **k: gens.append(real_generate(*a, **k)) or gens[-1])
     before = {k: v.detach().clone() for k, v in tr.lora.items()}
     row = tr.step(batch, base_dir, 0)
     assert all(c["modality"] == "speech" for c in calls)
@@ -567,10 +569,46 @@ def test_imitation_baselines_train_on_correct_text_rollouts_under_the_speech_pro
     assert len(grad_calls) == 1 and [c["grad"] for c in calls] == ([True] if method == "sft" else [False, True])
     assert row["loss"] > 0 and torch.isfinite(torch.tensor(row["loss"]))
     assert any(not torch.equal(before[k], v) for k, v in tr.lora.items())
-    assert 0 <= row["imitation/no_target"] < 1 and row["imitation/target_entropy"] > 0
+    # The targets: per question a correct text rollout that was not cut by the length limit (and, for
+    # DPO, a wrong speech rollout to reject); a question without one trains nothing.
+    (speech, text), = gens
+    G = 4
+    right = [a == 1 for a in tars_mod.accuracy_reward(text.texts, [None] * len(text.texts), [None] * len(text.texts))]
+    good = [[i for i in range(q * G, (q + 1) * G) if right[i] and not text.truncated[i]] for q in range(len(batch))]
+    wrong_s = [[i for i in range(q * G, (q + 1) * G)
+                if tars_mod.accuracy_reward([speech.texts[i]], [None], [None])[0] != 1] for q in range(len(batch))]
+    has = [bool(g) and (method == "sft" or bool(w)) for g, w in zip(good, wrong_s)]
+    assert any(has)
+    assert row["imitation/no_target"] == pytest.approx(1 - sum(has) / len(batch))
+    chosen = grad_calls[0]["completions"] if method == "sft" else grad_calls[0]["completions"][0::2]
+    assert len(chosen) == sum(has)
+    assert all(c in [list(text.token_ids[i]) for i in g] for c, g in zip(chosen, [g for g, h in zip(good, has) if h]))
+    assert row["imitation/target_entropy"] > 0
     if method == "dpo":
         assert {"dpo/margin", "dpo/pair_accuracy"} <= set(row)
         assert calls[0]["completions"] == grad_calls[0]["completions"]  # the reference scores the same pairs
+
+
+@needs_espeak
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_a_text_rollout_cut_by_the_length_limit_is_never_a_target(tiny, tmp_path, lively, monkeypatch, method):
+    """Here exactly the truncated text rollouts are "right": none may be imitated, so nothing trains."""
+    gens = []
+    tr, batch, base_dir = trainer(tiny, tmp_path, method=method, text_rollouts=4, speech_rollouts=4, max_new_tokens=4)
+    real_generate = tr.backend.generate_paired
+    monkeypatch.setattr(tr.backend, "generate_paired", lambda *a, **k: gens.append(real_generate(*a, **k)) or gens[-1])
+
+    def right_iff_cut(texts, options, answers):
+        (_, text), = gens
+        cut = {t for t, trunc in zip(text.texts, text.truncated) if trunc}
+        return [1.0 if t in cut else 0.0 for t in texts]
+
+    monkeypatch.setattr(tars_mod, "accuracy_reward", right_iff_cut)
+    before = {k: v.detach().clone() for k, v in tr.lora.items()}
+    row = tr.step(batch, base_dir, 0)
+    assert any(gens[0][1].truncated)  # there were cut rollouts to refuse
+    assert row["imitation/no_target"] == 1.0 and row["loss"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in tr.lora.items())
 
 
 WORKER = Path(__file__).parent / "dist_worker.py"
