@@ -40,6 +40,10 @@ def test_accuracy_reward_reads_the_gold_letter():
     assert accuracy_reward(COMPLETIONS, OPTIONS, ANSWERS) == [1.0, 0.0, 0.0, 1.0, 1.0]
 
 
+def test_a_gold_letter_with_spaces_still_counts():
+    assert accuracy_reward([COMPLETIONS[0]] * 2, OPTIONS[:2], [" b ", "B\n"]) == [1.0, 1.0]
+
+
 def test_base_reward_adds_weighted_format():
     # By default the paper's binary R_fmt (as the trainer): loose formats earn nothing.
     # λ=0.5: 1+0.5·1=1.5, 0+0=0, 0+0=0, 1+0.5=1.5, 1+0=1
@@ -137,6 +141,25 @@ def test_cosine_by_hand():
     assert cosine_similarity(a, b).tolist() == pytest.approx([0.0, R2, -1.0, 0.0])
 
 
+def test_cosine_keeps_float64_clamps_and_refuses_mismatched_shapes():
+    # float64 in, float64 out (the bf16 policy's states go to float32, a float64 caller keeps its precision)
+    a64 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    assert cosine_similarity(a64, a64.float()).dtype == torch.float64
+    assert cosine_similarity(a64.half(), a64.half()).dtype == torch.float32
+    # a vector with itself is exactly 1, never 1 + rounding (a reward above its bound)
+    x = torch.tensor([[0.1, 0.7, 0.3]] * 8, dtype=torch.float32) * torch.arange(1, 9)[:, None]
+    assert cosine_similarity(x, x).max().item() <= 1.0
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        cosine_similarity(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_representation_reward_refuses_what_is_not_rollouts_by_layers_by_hidden():
+    with pytest.raises(ValueError, match=r"\[rollouts, layers, hidden\]"):
+        representation_reward(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="no layer"):
+        representation_reward(torch.zeros(2, 0, 3), torch.zeros(2, 0, 3))
+
+
 def test_representation_reward_is_mean_of_layer_cosines():
     speech = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]]])  # [S=2, L=2, H=2]
     text = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[3.0, 0.0], [5.0, 5.0]]])
@@ -215,6 +238,11 @@ def test_alignment_rewards_one_kind_only():
         alignment_rewards([True, True, True], speech_emb=SPEECH_EMB, text_emb=TEXT_EMB[:2])
     with pytest.raises(ValueError, match="nothing to align"):
         alignment_rewards([True])
+    with pytest.raises(ValueError, match="differ beyond rows"):
+        alignment_rewards([True, True, True], speech_emb=SPEECH_EMB, text_emb=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="disagree on the number of rollouts: \\[1, 2\\]"):
+        alignment_rewards([False, True, True], speech_pooled=SPEECH_POOLED[:1], text_pooled=TEXT_POOLED,
+                          speech_emb=SPEECH_EMB, text_emb=TEXT_EMB)
 
 
 def test_text_alignment_reward_modes():
