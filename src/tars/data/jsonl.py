@@ -28,9 +28,8 @@ def load_records(
     """Parse and validate a JSONL file; returns the valid records and all problems found.
 
     `audio` paths resolve against the file's directory; with `check_audio_files` each one is probed
-    (exists, its header reads as audio — the samples are not decoded —, non-empty, at most
-    `max_audio_s` seconds) and the record's `duration_s`
-    set to the clip's length.
+    from its header (exists, reads as audio, non-empty, at most `max_audio_s` seconds; the samples are
+    not decoded) and the record's `duration_s` set to the clip's length.
     """
     path = Path(path)
     name = str(path)
@@ -91,9 +90,9 @@ def read_records(path: str | os.PathLike, **kw) -> list[Record]:
 
 
 def check_files(paths: Iterable[str | os.PathLike], check_audio_files: bool = True) -> None:
-    """Every problem of every file at once (schema and, with `check_audio_files`, each clip exists,
-    its header reads as audio and it is non-empty), as one `UserError`: commands call it before loading a model, so a bad
-    manifest costs seconds, not a failed step halfway through a run. No length limit here: clips over
+    """Every problem of every file at once (schema and, with `check_audio_files`, each clip exists, its
+    header reads as audio and it is non-empty), as one `UserError`: commands call it before loading a
+    model, so a bad manifest costs seconds, not a failed step halfway through a run. No length limit here: clips over
     a backend's encoder window are left out by the commands themselves (of both modalities)."""
     problems: list[Problem] = []
     for path in paths:
