@@ -92,8 +92,9 @@ def read_records(path: str | os.PathLike, **kw) -> list[Record]:
 def check_files(paths: Iterable[str | os.PathLike], check_audio_files: bool = True) -> None:
     """Every problem of every file at once (schema and, with `check_audio_files`, each clip exists, its
     header reads as audio and it is non-empty), as one `UserError`: commands call it before loading a
-    model, so a bad manifest costs seconds, not a failed step halfway through a run. No length limit here: clips over
-    a backend's encoder window are left out by the commands themselves (of both modalities)."""
+    model, so a bad manifest costs seconds, not a failed step halfway through a run. No length limit
+    here: clips over a backend's encoder window are left out by the commands themselves (of both
+    modalities)."""
     problems: list[Problem] = []
     for path in paths:
         problems += load_records(path, check_audio_files=check_audio_files, max_audio_s=None)[1]
