@@ -40,6 +40,7 @@ def results_table(evals: dict[str, dict], backbone_text: float | None = None) ->
     is computed against that one figure (so rows evaluated without it, or against another, are
     comparable); without it, each row shows the MRR its evaluation stored."""
     from tars.eval.metrics import mrr
+
     benches = sorted({ds for m in evals.values() for ds in m["datasets"]})
     head = ["model"] + [f"{b} {k}" for b in benches for k in ("A", "T")] + ["Avg(A)", "Avg(T)", "Gap", "MRR"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
