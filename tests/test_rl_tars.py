@@ -410,18 +410,24 @@ def test_a_steps_r_rep_is_the_cosine_of_independently_scored_states(tiny, tmp_pa
         with torch.no_grad():
             states[modality] = be.score(prompts, comps[modality], [q for q in range(Q) for _ in range(G)],
                                         [2, 3, 4]).pooled["mean"].view(Q, G, 3, -1)
-    checked = 0
+    pairs = round_robin_pairs(rec, Q, G)
+    for q, j, ref in pairs:
+        if ref is None:
+            assert rec.rep[q, j] == 0
+            continue
+        want = F.cosine_similarity(states["speech"][q, j], states["text"][q, ref], dim=-1).mean()
+        torch.testing.assert_close(rec.rep[q, j], want, atol=1e-5, rtol=0)
+    assert any(ref is not None for *_, ref in pairs)  # some question had a correct text reference
+
+
+def round_robin_pairs(rec, Q: int, G: int) -> list[tuple[int, int, int | None]]:
+    """(question, speech rollout, its round-robin reference among the correct text rollouts, or None),
+    by the lively accuracy, for checking a step's alignment rewards by hand."""
+    out = []
     for q in range(Q):
         correct = [g for g in range(G) if tars_mod.accuracy_reward([rec.text_texts[q * G + g]], [None], [None])[0] == 1]
-        for j in range(G):
-            if not correct:
-                assert rec.rep[q, j] == 0
-                continue
-            ref = correct[j % len(correct)]
-            want = F.cosine_similarity(states["speech"][q, j], states["text"][q, ref], dim=-1).mean()
-            torch.testing.assert_close(rec.rep[q, j], want, atol=1e-5, rtol=0)
-            checked += 1
-    assert checked > 0  # some question had a correct text reference
+        out += [(q, j, correct[j % len(correct)] if correct else None) for j in range(G)]
+    return out
 
 
 @needs_espeak
@@ -436,18 +442,14 @@ def test_a_steps_r_beh_is_the_cosine_of_the_completions_sentence_embeddings(tiny
     rec, G = tr.last, 3
     emb_s = embedder.embed_completions(rec.speech_texts, False).float()
     emb_t = embedder.embed_completions(rec.text_texts, False).float()
-    checked = 0
-    for q in range(len(batch)):
-        correct = [g for g in range(G) if tars_mod.accuracy_reward([rec.text_texts[q * G + g]], [None], [None])[0] == 1]
-        for j in range(G):
-            if not correct:
-                assert rec.beh[q, j] == 0
-                continue
-            ref = correct[j % len(correct)]
-            want = F.cosine_similarity(emb_s[q * G + j], emb_t[q * G + ref], dim=-1)
-            torch.testing.assert_close(rec.beh[q, j].float(), want, atol=1e-5, rtol=0)
-            checked += 1
-    assert checked > 0  # some question had a correct text reference
+    pairs = round_robin_pairs(rec, len(batch), G)
+    for q, j, ref in pairs:
+        if ref is None:
+            assert rec.beh[q, j] == 0
+            continue
+        want = F.cosine_similarity(emb_s[q * G + j], emb_t[q * G + ref], dim=-1)
+        torch.testing.assert_close(rec.beh[q, j].float(), want, atol=1e-5, rtol=0)
+    assert any(ref is not None for *_, ref in pairs)  # some question had a correct text reference
 
 
 @needs_espeak

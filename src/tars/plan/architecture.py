@@ -129,14 +129,15 @@ def _folder_of(model: str) -> Path | None:
     return None
 
 
-def _json_object(path: Path) -> dict:
-    """A model folder's side file (a hand-edited one may be broken) as a dict, or a one-line error."""
+def json_object(path: Path, what: str = "a JSON object") -> dict:
+    """A JSON file that may have been edited by hand, or be something else (a model folder's side file,
+    a calibration file), as a dict; a one-line error saying it is not `what`."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not {what} ({e})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: not {what} (a JSON object)")
     return data
 
 
@@ -168,14 +169,14 @@ def load_architecture(model: str, lora=None, where: str = "config: model") -> Ar
         source = str(folder / "config.json")
         adapter = folder / "speech-lora" / "adapter_config.json"
         if model_type == "phi4_multimodal" and adapter.is_file():
-            a = _json_object(adapter)
+            a = json_object(adapter)
             targets = a.get("target_modules") or []
             if isinstance(targets, str):  # a regex over module names, as the released adapter's may be
                 targets = [t for t in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if t in targets]
             speech_lora = {"r": int(a["r"]), "target_modules": list(targets)}
             settings = folder / "tars_audio.json"
             if settings.is_file():
-                can_mix_always = _json_object(settings).get("speech_lora") == "always"
+                can_mix_always = json_object(settings).get("speech_lora") == "always"
     elif str(model) in published():
         entry = published()[str(model)]
         model_type = entry["model_type"]

@@ -36,8 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from tars.errors import UserError
-from tars.plan.architecture import Architecture, build_meta, decoder_parts
+from tars.plan.architecture import Architecture, build_meta, decoder_parts, json_object
 
 #: Decoder blocks of the two measured depths. Not 1 and 2: the first block's input (the embeddings)
 #: needs no gradient, so a 1-block model keeps less than one block of a deeper stack does (measured:
@@ -420,14 +419,7 @@ def calibrate(targets, out: Path, log: Callable[[str], None] = print, device: to
     from tars.atomic import atomic_write_text
 
     out = Path(out)
-    data = {}
-    if out.exists():
-        try:
-            data = json.loads(out.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{out}: --out must be a calibration JSON file to add to, or a new file ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{out}: not a calibration file (expected a JSON object)")
+    data = json_object(out, "a calibration file to add to (give one, or a new file's name)") if out.exists() else {}
     data.setdefault("entries", {})
     data["command"] = command
     data["environment"] = environment(device)
