@@ -53,16 +53,22 @@ def load_tokenizer(path: Path):
         raise UserError(f"{path}: could not load the tokenizer ({str(e).splitlines()[0][:200]})") from None
 
 
-@hf_progress_off()  # tars's own lines and bars only (tars.quiet)
 def load_backend(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  cache_dir: Path | None = None):
     """The backend for the model folder `path`, chosen by its config's `model_type`; for an adapter
     folder (`tars_adapter.json`), its base model's with the LoRA merged."""
+    return load_local_backend(local_model(path), device, dtype, cache_dir)
+
+
+@hf_progress_off()  # tars's own lines and bars only (tars.quiet)
+def load_local_backend(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       cache_dir: Path | None = None):
+    """`load_backend` of a path `local_model` has already given (a shipped stage's pack is hashed to
+    check it, which need not happen twice for one load)."""
     import importlib
 
     from tars.models.lora import is_adapter, load_adapter
 
-    path = local_model(path)
     if is_adapter(path):  # a LoRA adapter folder (models/lora.py): its base model, the LoRA merged in
         return load_adapter(path, device=device, dtype=dtype, merge=True, cache_dir=cache_dir)
     if not path.exists() and looks_like_hub_id(str(path)):

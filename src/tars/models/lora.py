@@ -177,7 +177,7 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: 
     the path it had when the adapter was saved, else by its given name (a shipped adapter has only that)."""
     from safetensors.torch import load_file
 
-    from tars.models.loading import load_backend, local_model, looks_like_hub_id
+    from tars.models.loading import load_local_backend, local_model, looks_like_hub_id
 
     folder = Path(folder)
     meta_file = folder / ADAPTER_CONFIG
@@ -189,10 +189,11 @@ def load_adapter(folder: str | Path, device: str | torch.device = "cpu", dtype: 
         base = adapter_base(meta)
     except KeyError as e:
         raise UserError(f"{meta_file}: missing field {e}") from None
-    if not local_model(base).exists() and not looks_like_hub_id(str(base)):
+    base = local_model(base)
+    if not base.exists() and not looks_like_hub_id(str(base)):
         raise UserError(f"{meta_file}: its base model {meta['base_model']} is not on this machine (saved at "
                         f"{meta.get('base_model_path', meta['base_model'])}); put it there, or edit base_model to its path")
-    backend = load_backend(base, device=device, dtype=dtype, cache_dir=cache_dir)
+    backend = load_local_backend(base, device=device, dtype=dtype, cache_dir=cache_dir)
     params = add_lora(backend, LoraSettings(r=r, alpha=alpha, dropout=dropout), targets)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.exists():
