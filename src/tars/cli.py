@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         if e.filename is None:
             raise
         # a rename's target is what the user named; its source is tars's own temporary file
-        print(f"tars: error: {getattr(e, 'filename2', None) or e.filename}: {e.strerror or e}", file=sys.stderr)
+        print(f"tars: error: {e.filename2 or e.filename}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
 
 
