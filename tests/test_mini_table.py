@@ -137,3 +137,23 @@ def test_seed_mean_correct_names_a_row_without_predictions(tmp_path):
     (tmp_path / "grpo" / "eval").mkdir(parents=True)
     with pytest.raises(UserError, match="grpo/eval: no predictions.jsonl"):
         seed_mean_correct([tmp_path / "grpo"])
+
+
+def test_every_other_trained_row_against_grpo_and_base(tmp_path):
+    """The ablation block, between the headline comparisons and seed to seed. Speech by hand: base
+    (1, 0, 0, 0), grpo over its seeds (.5, 0, 0, 0), sft (1, 1, 1, 1): sft − grpo = mean(.5, 1, 1, 1) =
+    87.5 points, sft − base = 75.0, grpo − base = −12.5; dpo has no predictions and no line."""
+    predictions(tmp_path / "base", {"q0"})
+    predictions(tmp_path / "grpo", {"q0"})
+    predictions(tmp_path / "grpo_s1", set())
+    predictions(tmp_path / "tars", {"q0", "q1"})
+    predictions(tmp_path / "sft", {"q0", "q1", "q2", "q3"})
+    lines = write_table(tmp_path).read_text().splitlines()
+    at = {k: next(i for i, l in enumerate(lines) if l.startswith(k))
+          for k in ("| tars − base |", "Every other", "| grpo − base |", "| sft − grpo |", "| sft − base |",
+                    "Seed to seed")}
+    assert list(at.values()) == sorted(at.values())
+    assert "| 2 vs 1 | speech | 4 | -12.5 |" in lines[at["| grpo − base |"]]
+    assert "| 1 vs 2 | speech | 4 | +87.5 |" in lines[at["| sft − grpo |"]]
+    assert "| 1 vs 1 | speech | 4 | +75.0 |" in lines[at["| sft − base |"]]
+    assert not any(l.startswith(("| dpo −", "| tars − grpo_")) for l in lines)

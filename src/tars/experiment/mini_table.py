@@ -17,8 +17,9 @@ can be killed and rerun, or run row by row (`--rows grpo,tars`). The last step w
 accuracy, gap, MRR against the base row's text accuracy (the backbone: alignment never changes the
 LLM), wall and CPU time, and a row with several seeds also as their mean; then TARS − GRPO and
 TARS − base as paired differences on the same questions with 95 % bootstrap intervals (each
-question's correctness averaged over the seeds a row has), and each further seed of a row against its
-seed 0 (the chance spread between runs). Once base, GRPO and TARS (seed 0) are finished, `layers/`
+question's correctness averaged over the seeds a row has), every other trained row against GRPO and
+against base the same way, and each further seed of a row against its seed 0 (the chance spread
+between runs). Once base, GRPO and TARS (seed 0) are finished, `layers/`
 holds their speech-vs-text cosine per layer (`layer_plot`), which the report shows beside every
 row's evaluation (a row with several seeds also pooled).
 """
@@ -33,8 +34,12 @@ from tars.atomic import atomic_write_text
 
 ROWS = ("base", "cascade", "sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
 TRAINED = ("sft", "dpo", "grpo", "grpo_rep", "grpo_beh", "tars")
-#: The paired comparisons table.md states with intervals: (row, against).
+#: The paired comparisons table.md states first with intervals: (row, against).
 COMPARISONS = (("tars", "grpo"), ("tars", "base"))
+#: Then every other trained row against GRPO and against base: the paper's ablations, and the only place
+#: a baseline that moves the model (SFT did, on mini:soft) shows up with an interval in table.md.
+ABLATIONS = (("grpo", "base"),) + tuple((row, against) for row in TRAINED if row not in ("grpo", "tars")
+                                        for against in ("grpo", "base"))
 #: The rows whose speech-vs-text cosine per layer the table plots (seed 0), on the first
 #: LAYER_QUESTIONS held-out questions: enough for a curve (the per-token cosine is averaged over every
 #: token of every chain), a few CPU-minutes per model.
@@ -221,18 +226,18 @@ def seed_mean_correct(folders: Sequence[Path]) -> dict[tuple[str, str], dict[str
 
 
 def paired_lines(out: Path) -> list[str]:
-    """Markdown: each comparison of `COMPARISONS` whose rows have predictions, as Δ accuracy (points) on
-    the same questions with a 95 % paired bootstrap interval (eval/metrics.py); then, for a trained row
-    with several seeds, each seed against seed 0 — how far two runs of one method land apart by chance,
-    the yardstick for a difference between methods."""
+    """Markdown: each comparison of `COMPARISONS`, then of `ABLATIONS`, whose rows have predictions, as
+    Δ accuracy (points) on the same questions with a 95 % paired bootstrap interval (eval/metrics.py);
+    then, for a trained row with several seeds, each seed against seed 0 — how far two runs of one
+    method land apart by chance, the yardstick for a difference between methods."""
     def kept(row: str) -> list[Path]:
         return evaluated(out, row, "predictions.jsonl")
 
-    rows = []
-    for row, against in COMPARISONS:
-        a, b = kept(row), kept(against)
-        if a and b:
-            rows += _paired_rows(f"{row} − {against}", a, b)
+    def compared(pairs) -> list[str]:
+        return [line for row, against in pairs if kept(row) and kept(against)
+                for line in _paired_rows(f"{row} − {against}", kept(row), kept(against))]
+
+    rows, ablations = compared(COMPARISONS), compared(ABLATIONS)
     seeds = []
     for row in TRAINED:
         folders = kept(row)
@@ -244,6 +249,9 @@ def paired_lines(out: Path) -> list[str]:
         lines += ["", "Paired differences on the same held-out questions (each question's correctness averaged "
                   "over a row's seeds), with 95 % bootstrap intervals (10,000 resamples of the questions):", "",
                   *PAIRED_HEADER, *rows]
+    if ablations:
+        lines += ["", "Every other trained row against GRPO and against base, the same way (with this many "
+                  "intervals, about one in twenty excludes 0 by chance alone):", "", *PAIRED_HEADER, *ablations]
     if seeds:
         lines += ["", "Seed to seed: the same method run with another seed, on the same questions — how far two "
                   "runs land apart by chance alone:", "", *PAIRED_HEADER, *seeds]
